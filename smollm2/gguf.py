@@ -198,7 +198,7 @@ def tokenizer_from_gguf(reader, path: Path) -> Tokenizer:
                          "is not supported (only byte-level BPE, 'gpt2')")
     return Tokenizer.from_gguf_vocab(
         _field(reader, "tokenizer.ggml.tokens", path),
-        _field(reader, "tokenizer.ggml.merges", path),
+        _field(reader, "tokenizer.ggml.merges", path, []),
         _field(reader, "tokenizer.ggml.token_type", path),
         pre=_field(reader, "tokenizer.ggml.pre", path, "gpt-2"),
         bos_id=_optional_int(_field(reader, "tokenizer.ggml.bos_token_id", path, None)),
