@@ -134,8 +134,8 @@ def test_quantised_tensors_dequantise(tmp_path: Path, small_config: Config, quan
 
 def test_real_file_metadata(bundled_gguf_path: Path) -> None:
     reader = read_gguf(bundled_gguf_path)
-    from smollm2.gguf import config_from_gguf
     from smollm2.config import preset
+    from smollm2.gguf import config_from_gguf
 
     config = config_from_gguf(reader, bundled_gguf_path)
     assert config == preset("135m")
