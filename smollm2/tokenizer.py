@@ -93,7 +93,9 @@ class Tokenizer:
     ) -> Tokenizer:
         """Rebuild the tokenizer from a GGUF file's `tokenizer.ggml.*` fields."""
         if pre not in _PRE_TOKENIZERS:
-            raise ValueError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported (supported: {sorted(_PRE_TOKENIZERS)})")
+            raise ValueError(
+                f"{source}: tokenizer.ggml.pre={pre!r} is not supported (supported: {sorted(_PRE_TOKENIZERS)})"
+            )
         if len(token_types) != len(tokens):
             raise ValueError(f"{source}: {len(tokens)} tokens but {len(token_types)} token types")
         vocab = {token: i for i, token in enumerate(tokens)}
@@ -195,7 +197,7 @@ class Tokenizer:
             return _render(self.chat_template, messages, add_generation_prompt, self.bos_token, self.eos_token)
         # Render with a unique placeholder in place of each content, then encode the pieces separately.
         marks = [f"\x00{i}\x00" for i in range(len(messages))]
-        masked = [dict(m, content=mark) for m, mark in zip(messages, marks)]
+        masked = [dict(m, content=mark) for m, mark in zip(messages, marks, strict=True)]
         text = _render(self.chat_template, masked, add_generation_prompt, self.bos_token, self.eos_token)
         ids: list[int] = []
         for i, mark in enumerate(marks):
@@ -279,4 +281,4 @@ def _byte_decoder() -> dict[str, int]:
             printable.append(b)
             chars.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}

@@ -57,7 +57,8 @@ def write_gguf(path: Path, model: SmolLM2, quant: str = "F32", tokens: int = 256
     writer.add_vocab_size(config.vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("smollm")
-    vocab = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "ab"] + [chr(0x100 + i) for i in range(tokens - 6)] + ["a", "b"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = specials + ["ab"] + [chr(0x100 + i) for i in range(tokens - 6)] + ["a", "b"]
     writer.add_token_list(vocab)
     writer.add_token_types([3, 3, 3] + [1] * (tokens - 3))
     writer.add_token_merges(["a b"])

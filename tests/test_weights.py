@@ -32,7 +32,7 @@ def test_our_save_our_load_is_bitwise(saved: tuple[SmolLM2, Path], tmp_path: Pat
     assert json.loads((directory / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     config = Config.from_json(directory / "config.json")
     loaded = build_model(config, read_safetensors(directory), str(directory))
-    for (key, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (key, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), key
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
 
@@ -58,7 +58,7 @@ def test_real_weights_export_round_trip(real, tmp_path: Path) -> None:
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in tmp_path.iterdir()}
     again, again_tokenizer = smollm2.load(tmp_path)
-    for (key, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (key, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), key
     assert again_tokenizer.encode("Total:  42 😀") == tokenizer.encode("Total:  42 😀")
 
