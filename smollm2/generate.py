@@ -1,0 +1,471 @@
+"""Text generation: a prefill pass over the prompt, then one-token decode steps over a static KV cache.
+
+    generate(model, prompt_ids, **options)          -> Stream[int]   token ids as they are produced
+    generate_batch(model, prompts, **options)       -> list[list[int]]  prompts of any lengths, left-padded
+    stream_text(model, tokenizer, prompt, **options) -> Stream[str]   text pieces, never broken UTF-8
+    chat(model, tokenizer, messages, **options)      -> Stream[str]   a reply, with the model's chat template
+
+Options are the fields of `GenerationConfig` (each default lives there). Generation stops at an end-of-sequence
+token, a stop token id, a stop string or after max_new_tokens; the stream's `finish_reason` then says "stop" or
+"length", as OpenAI's API does. Stop tokens are not yielded; the token that completes a stop string is (it may
+carry text before the stop string), and the text helpers cut the text at the stop string.
+
+The per-token work is `decode_step`, one function with fixed arguments, so that a compiled version can replace
+it (gpt-fast compiles exactly this step). Only the last position's logits are computed: the output projection
+is the largest matmul of the model (576 x 49152), and a prefill needs it for one position, not all.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import math
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+import torch
+
+from .config import Config
+from .kv_cache import KVCache
+from .sampling import apply_repetition_penalty, sample
+
+if TYPE_CHECKING:
+    from .model import SmolLM2
+    from .tokenizer import Tokenizer
+
+Item = TypeVar("Item")
+StepFn = Callable[..., torch.Tensor]  # decode_step's signature: (model, token_ids, cache, start, positions, mask)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Every generation option, with its one default. Invalid values raise ValueError on construction."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy (argmax); otherwise logits are divided by it before sampling
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # keep the most likely tokens up to this total probability; 1 = off
+    min_p: float = 0.0  # keep tokens at least min_p times as likely as the best one; 0 = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output; 1 = off
+    seed: int | None = None  # the same seed gives the same tokens; None = a fresh random seed
+    stop: tuple[int | str, ...] = ()  # token ids and strings that end generation (strings need a tokenizer)
+    eos_ids: tuple[int, ...] | None = None  # None = the model config's eos_token_id and the tokenizer's eos
+    ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks want exactly max_new_tokens)
+
+    def __post_init__(self) -> None:
+        # Normalise the forms a caller may reasonably pass: one stop string or id, lists instead of tuples.
+        stop = () if self.stop is None else self.stop
+        if isinstance(stop, (str, int)):
+            stop = (stop,)
+        object.__setattr__(self, "stop", tuple(stop))
+        if self.eos_ids is not None:
+            eos = (self.eos_ids,) if isinstance(self.eos_ids, int) else tuple(self.eos_ids)
+            object.__setattr__(self, "eos_ids", eos)
+
+        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        _check_number("temperature", self.temperature, "a finite number >= 0 (0 = greedy)", lambda v: v >= 0)
+        _check_int("top_k", self.top_k, minimum=0, hint=" (0 = off)")
+        _check_number("top_p", self.top_p, "a number in (0, 1] (1 = off)", lambda v: 0 < v <= 1)
+        _check_number("min_p", self.min_p, "a number in [0, 1] (0 = off)", lambda v: 0 <= v <= 1)
+        _check_number("repetition_penalty", self.repetition_penalty, "a finite number > 0 (1 = off)",
+                      lambda v: v > 0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0, hint=" or None")
+        for item in self.stop:
+            if isinstance(item, str):
+                if not item:
+                    raise ValueError("stop strings must be non-empty, got ''")
+            else:
+                _check_int("stop token id", item, minimum=0, hint=" or a non-empty string")
+        for item in self.eos_ids or ():
+            _check_int("eos_ids entry", item, minimum=0)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return tuple(s for s in self.stop if not isinstance(s, str))
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return tuple(s for s in self.stop if isinstance(s, str))
+
+
+def _check_int(name: str, value: object, *, minimum: int, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{hint}, got {value!r}")
+
+
+def _check_number(name: str, value: object, what: str, ok: Callable[[float], bool]) -> None:
+    # NaN fails every comparison and inf is excluded explicitly, so both end up here.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def make_config(config: GenerationConfig | None = None, **options: object) -> GenerationConfig:
+    """config (or the defaults) with options replacing fields; an unknown option is a ValueError."""
+    config = config if config is not None else GenerationConfig()
+    known = {f.name for f in dataclasses.fields(GenerationConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown generation option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return dataclasses.replace(config, **options) if options else config
+
+
+def check_prompts(
+    prompts: Sequence[Sequence[int]], config: GenerationConfig, model_config: Config, tokenizer: Tokenizer | None
+) -> list[list[int]]:
+    """The prompts as lists of ints, after checking them (and the ids in config) against the model."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    vocab = model_config.vocab_size
+    checked = []
+    for row, prompt in enumerate(prompts):
+        where = f"prompts[{row}]" if len(prompts) > 1 else "the prompt"
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.flatten().tolist()
+        if isinstance(prompt, str):
+            raise ValueError(f"{where} must be token ids, got a string (encode it, or use stream_text)")
+        prompt = list(prompt)
+        if not prompt:
+            raise ValueError(f"{where} is empty: generation needs at least one token")
+        for i, token in enumerate(prompt):
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+                raise ValueError(f"{where} has token id {token!r} at index {i}, outside the vocabulary "
+                                 f"(0..{vocab - 1})")
+        checked.append(prompt)
+    for name, ids in (("stop token id", config.stop_ids), ("eos_ids entry", config.eos_ids or ())):
+        for token in ids:
+            if token >= vocab:
+                raise ValueError(f"{name} {token} is outside the vocabulary (0..{vocab - 1})")
+    if config.stop_strings and tokenizer is None:
+        raise ValueError(f"stop strings {list(config.stop_strings)} need a tokenizer: pass tokenizer=...")
+    longest = max(len(p) for p in checked)
+    limit = model_config.max_position_embeddings
+    if longest + config.max_new_tokens > limit:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={config.max_new_tokens} = "
+                         f"{longest + config.max_new_tokens} tokens exceeds the model's context length of {limit}")
+    return checked
+
+
+class Stream(Generic[Item]):
+    """An iterator over generated items (token ids or text) that records how generation went.
+
+    prompt_ids: the prompt's token ids. new_ids: the ids generated so far (stop and EOS tokens excluded).
+    finish_reason: None while running (or if closed early), then "stop" (an EOS token, a stop token or a stop
+    string) or "length" (max_new_tokens reached).
+    """
+
+    def __init__(self, prompt_ids: list[int], new_ids: list[int] | None = None) -> None:
+        self.prompt_ids = prompt_ids
+        self.new_ids = new_ids if new_ids is not None else []
+        self.finish_reason: str | None = None
+        self._items: Iterator[Item] = iter(())
+
+    def __iter__(self) -> Stream[Item]:
+        return self
+
+    def __next__(self) -> Item:
+        return next(self._items)
+
+    def close(self) -> None:
+        """Stop generating (e.g. the client went away); finish_reason stays None."""
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
+
+
+# ---- the model calls -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def prefill(
+    model: SmolLM2,
+    input_ids: torch.Tensor,
+    cache: KVCache,
+    positions: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the prompts (B, T) through the model, filling cache positions 0..T-1; logits (B, vocab) of the last."""
+    h = model.hidden(input_ids, cache=cache, start=0, positions=positions, attention_mask=attention_mask)
+    return model.lm_head(h[:, -1])  # (B, vocab): left padding puts every row's last real token at T-1
+
+
+@torch.no_grad()
+def decode_step(
+    model: SmolLM2,
+    token_ids: torch.Tensor,
+    cache: KVCache,
+    start: int,
+    positions: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """One new token per row (B, 1) at cache position start; logits (B, vocab) for the token after it.
+
+    positions (B, 1) and attention_mask (B, start + 1) are needed only for left-padded batches; None means
+    position `start` for every row and no padding.
+    """
+    h = model.hidden(token_ids, cache=cache, start=start, positions=positions, attention_mask=attention_mask)
+    return model.lm_head(h[:, -1])
+
+
+# ---- the generation loop -------------------------------------------------------------------------------
+
+
+def _eos_ids(config: GenerationConfig, model: SmolLM2, tokenizer: Tokenizer | None) -> set[int]:
+    if config.ignore_eos:
+        return set()
+    if config.eos_ids is not None:
+        return set(config.eos_ids)
+    ids = {model.config.eos_token_id, tokenizer.eos_id if tokenizer is not None else None}
+    return {i for i in ids if i is not None}
+
+
+class _StopStrings:
+    """Finds stop strings in each row's generated bytes, keeping only the tail where a new one could end."""
+
+    def __init__(self, strings: Sequence[str], tokenizer: Tokenizer | None, rows: int) -> None:
+        self.patterns = [s.encode("utf-8") for s in strings]  # bytes: a string may end inside a character
+        self.keep = max((len(p) for p in self.patterns), default=1) - 1
+        self.tokenizer, self.tails = tokenizer, [b""] * rows
+
+    def completed(self, row: int, token: int) -> bool:
+        """Whether token completes a stop string in this row."""
+        if not self.patterns:
+            return False
+        tail = self.tails[row] + self.tokenizer.decode_bytes([token])
+        self.tails[row] = tail[len(tail) - self.keep:]
+        return any(p in tail for p in self.patterns)
+
+
+def _left_pad(
+    prompts: list[list[int]], pad_id: int, total: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """input_ids (B, T), RoPE positions (B, T) and attention mask (B, total) for prompts padded on the left.
+
+    Left padding lines up every row's last token at T-1, so one decode step serves all rows. Positions count
+    only a row's real tokens, so a padded row sees the positions it would see alone. Without padding, positions
+    and mask are None: the model's defaults are then right, and cheaper.
+    """
+    T = max(len(p) for p in prompts)
+    pads = [T - len(p) for p in prompts]
+    input_ids = torch.tensor([[pad_id] * pad + p for pad, p in zip(pads, prompts, strict=True)], device=device)
+    if not any(pads):
+        return input_ids, None, None
+    pad = torch.tensor(pads, device=device)[:, None]  # (B, 1)
+    positions = (torch.arange(T, device=device)[None, :] - pad).clamp(min=0)  # (B, T); padding gets 0
+    mask = (torch.arange(total, device=device)[None, :] >= pad).long()  # (B, total): 0 on padding
+    return input_ids, positions, mask
+
+
+def _decode_loop(
+    model: SmolLM2,
+    prompts: list[list[int]],
+    config: GenerationConfig,
+    tokenizer: Tokenizer | None,
+    on_finish: Callable[[int, str], None],
+    step_fn: StepFn,
+) -> Iterator[list[int | None]]:
+    """Yield, per step, each row's new token (None for a row that has finished or stops at this step).
+
+    on_finish(row, reason) is called when a row finishes, before that step's tokens are yielded.
+    """
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    B, T = len(prompts), max(len(p) for p in prompts)
+    total = T + config.max_new_tokens
+    pad_id = model.config.pad_token_id or 0  # any id works: padded positions are masked out
+    input_ids, positions, mask = _left_pad(prompts, pad_id, total, device)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)[:, None]  # (B, 1): first new token's position
+    cache = KVCache(model.config, B, total, dtype=dtype, device=device)
+
+    seen = None  # (B, V) bool: the tokens each row has contained, for the repetition penalty
+    if config.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            seen[row, prompt] = True
+    generator = torch.Generator(device=device)
+    if config.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(config.seed)
+    stop_ids = _eos_ids(config, model, tokenizer) | set(config.stop_ids)
+    stop_strings = _StopStrings(config.stop_strings, tokenizer, B)
+    done = [False] * B
+
+    logits = prefill(model, input_ids, cache, positions, mask[:, :T] if mask is not None else None)
+    for step in range(config.max_new_tokens):
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+        tokens = sample(logits, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                        min_p=config.min_p, generator=generator)  # (B,)
+        out: list[int | None] = []
+        for row, token in enumerate(tokens.tolist()):
+            if done[row]:
+                out.append(None)
+                continue
+            is_stop_token = token in stop_ids
+            out.append(None if is_stop_token else token)  # stop tokens are not output
+            if is_stop_token or stop_strings.completed(row, token):
+                reason = "stop"
+            elif step == config.max_new_tokens - 1:
+                reason = "length"
+            else:
+                continue
+            done[row] = True
+            on_finish(row, reason)
+        yield out
+        if all(done):
+            return
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        start = T + step  # the cache position of the token just sampled
+        logits = step_fn(model, tokens[:, None], cache, start,
+                         lengths + step if mask is not None else None,
+                         mask[:, : start + 1] if mask is not None else None)
+
+
+def generate(
+    model: SmolLM2,
+    prompt_ids: Sequence[int] | torch.Tensor,
+    *,
+    tokenizer: Tokenizer | None = None,
+    config: GenerationConfig | None = None,
+    step: StepFn = decode_step,
+    **options: object,
+) -> Stream[int]:
+    """Generate after prompt_ids, yielding each new token id as it is produced.
+
+    Options are GenerationConfig fields (they override `config`). tokenizer is needed for stop strings and
+    adds its EOS id to the model config's. step computes one decode step: `decode_step` or a drop-in for it
+    (a compiled one). Everything is checked here, before the first model call.
+    """
+    config = make_config(config, **options)
+    (prompt,) = check_prompts([prompt_ids], config, model.config, tokenizer)
+    stream: Stream[int] = Stream(prompt)
+
+    def finish(row: int, reason: str) -> None:
+        stream.finish_reason = reason
+
+    def items() -> Iterator[int]:
+        for (token,) in _decode_loop(model, [prompt], config, tokenizer, finish, step):
+            if token is not None:
+                stream.new_ids.append(token)
+                yield token
+
+    stream._items = items()
+    return stream
+
+
+def generate_batch(
+    model: SmolLM2,
+    prompts: Sequence[Sequence[int]],
+    *,
+    tokenizer: Tokenizer | None = None,
+    config: GenerationConfig | None = None,
+    step: StepFn = decode_step,
+    **options: object,
+) -> list[list[int]]:
+    """Generate for several prompts at once (left-padded to the longest); the new ids of each prompt.
+
+    With greedy decoding each row gets the tokens it would get alone. Rows that finish early keep their place
+    in the batch until all have finished.
+    """
+    config = make_config(config, **options)
+    checked = check_prompts(prompts, config, model.config, tokenizer)
+    outputs: list[list[int]] = [[] for _ in checked]
+    for tokens in _decode_loop(model, checked, config, tokenizer, lambda row, reason: None, step):
+        for row, token in enumerate(tokens):
+            if token is not None:
+                outputs[row].append(token)
+    return outputs
+
+
+# ---- text ----------------------------------------------------------------------------------------------
+
+
+def decode_text(tokenizer: Tokenizer, ids: Iterable[int], stop: Sequence[str] = ()) -> Generator[str, None, bool]:
+    """Text pieces for a stream of token ids: whole characters only, cut before the first stop string.
+
+    Byte-level BPE splits characters across tokens ("😀" is three tokens here), so bytes go through an
+    incremental UTF-8 decoder that holds an incomplete character until its last byte arrives. Text that could
+    be the start of a stop string is held back too, until it either completes the stop string (and is
+    dropped) or cannot. Returns True (the generator's return value) when a stop string ended the text.
+    """
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # only truly invalid bytes become U+FFFD
+    pending = ""
+    for token in ids:
+        pending += utf8.decode(tokenizer.decode_bytes([token]))
+        cuts = [i for i in (pending.find(s) for s in stop) if i >= 0]
+        if cuts:
+            if min(cuts) > 0:
+                yield pending[: min(cuts)]
+            return True
+        keep = _stop_prefix_length(pending, stop)
+        if len(pending) > keep:
+            yield pending[: len(pending) - keep]
+            pending = pending[len(pending) - keep :]
+    # Held-back text that never became a stop string is output. Bytes of a character that never completed
+    # (generation ended mid-character) are dropped rather than shown as U+FFFD.
+    if pending:
+        yield pending
+    return False
+
+
+def _stop_prefix_length(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest end of text that is the beginning of a stop string."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def stream_text(
+    model: SmolLM2,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    *,
+    config: GenerationConfig | None = None,
+    step: StepFn = decode_step,
+    **options: object,
+) -> Stream[str]:
+    """Generate after prompt (text, or token ids) and yield the new text in pieces, as it is produced."""
+    config = make_config(config, **options)
+    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    tokens = generate(model, prompt_ids, tokenizer=tokenizer, config=config, step=step)
+    stream: Stream[str] = Stream(tokens.prompt_ids, tokens.new_ids)
+
+    def items() -> Iterator[str]:
+        try:
+            stopped = yield from decode_text(tokenizer, tokens, config.stop_strings)
+        finally:
+            tokens.close()
+        stream.finish_reason = "stop" if stopped else tokens.finish_reason
+
+    stream._items = items()
+    return stream
+
+
+def chat(
+    model: SmolLM2,
+    tokenizer: Tokenizer,
+    messages: Sequence[dict[str, str]],
+    *,
+    config: GenerationConfig | None = None,
+    step: StepFn = decode_step,
+    **options: object,
+) -> Stream[str]:
+    """Stream the assistant's reply to messages ([{"role": "system"|"user"|"assistant", "content": ...}]).
+
+    The messages are rendered with the model's own chat template. Their content is tokenized as plain text, so
+    "<|im_end|>" typed by a user cannot end a turn or open a new one. The reply ends at "<|im_end|>".
+    """
+    config = make_config(config, **options)
+    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    end_of_turn = tokenizer.token_id("<|im_end|>")
+    config = dataclasses.replace(config, stop=(*config.stop, end_of_turn))
+    return stream_text(model, tokenizer, prompt_ids, config=config, step=step)
