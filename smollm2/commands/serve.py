@@ -1,0 +1,66 @@
+"""`smollm2 serve`: an OpenAI-compatible HTTP server with a chat page (smollm2/serve.py).
+
+    smollm2 serve                                  # the bundled SmolLM2-135M-Instruct on http://127.0.0.1:8000
+    smollm2 serve --api-key KEY --max-concurrency 8
+
+Then point any OpenAI client at it (`OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY or "none")`) or
+open http://127.0.0.1:8000/ in a browser. SIGTERM or Ctrl-C finish the requests in flight, then exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import TYPE_CHECKING
+
+from ..engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
+
+if TYPE_CHECKING:
+    from ..model import SmolLM2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", default=None,
+                        help="the model: a .gguf file, an original-layout directory or a hub id "
+                             "(default: the bundled SmolLM2-135M-Instruct GGUF)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default: %(default)s, this machine only; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("SMOLLM2_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $SMOLLM2_API_KEY, else none)")
+    parser.add_argument("--max-concurrency", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
+                        help="requests generated together, as one batch (default: %(default)s)")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
+                        help="requests that may wait for a free slot; more get 429 (default: %(default)s)")
+    parser.add_argument("--context-length", type=int, default=None, metavar="TOKENS",
+                        help="longest prompt + completion accepted (default: the model's)")
+    parser.add_argument("--model-name", default=None,
+                        help="the model id clients send and /v1/models lists (default: from the source)")
+    # --quantize goes here (and is applied in prepare_model below), with the quantisation work.
+
+
+def prepare_model(model: SmolLM2, args: argparse.Namespace) -> SmolLM2:
+    """Turn the loaded model into the one to serve: the place for --quantize. (A compiled decode step would
+    go to the server as create_app(..., engine=Engine(model, tokenizer, step=...)).)"""
+    return model.eval()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..loading import load
+    from ..serve import create_app, run_server
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key must not be empty")
+    for flag, value, minimum in (("--max-concurrency", args.max_concurrency, 1), ("--max-queue", args.max_queue, 0)):
+        if value < minimum:
+            raise ValueError(f"{flag} must be at least {minimum}, got {value}")
+    model, tokenizer = load(args.source)
+    model = prepare_model(model, args)
+    app = create_app(model, tokenizer, api_key=args.api_key, max_concurrency=args.max_concurrency,
+                     max_queue=args.max_queue, model_name=args.model_name, context_length=args.context_length)
+    print(f"smollm2 serve: http://{args.host}:{args.port}/ (chat page), http://{args.host}:{args.port}/v1 (API)",
+          flush=True)
+    run_server(app, args.host, args.port)
+    return 0
