@@ -300,7 +300,7 @@ def prepare(
         }
         tokenizer.save(tmp)
         _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _move_into_place(tmp, out_dir)
     finally:
         if tmp.exists():
@@ -387,7 +387,7 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out_dir)
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
 
 
 def _new_dir(parent: Path, prefix: str, suffix: str) -> Path:
@@ -408,13 +408,16 @@ def _write_synced(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (new files, renames) durable. Not possible on Windows, where it is skipped."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return  # not supported on this platform
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
@@ -454,14 +457,15 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
+def load_tokens(data_dir: str | Path, split: str, manifest: dict[str, Any] | None = None) -> np.ndarray:
     """One split's tokens as a read-only uint16 np.memmap (an empty array when the split holds no tokens).
 
-    The size is checked against the manifest; the ids are not scanned (that would read the whole file).
+    The size is checked against the manifest (`read_manifest(data_dir)`, read here unless given); the ids
+    are not scanned (that would read the whole file).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    manifest = read_manifest(data_dir)
+    manifest = manifest if manifest is not None else read_manifest(data_dir)
     path = Path(data_dir).expanduser() / f"{split}.bin"
     if not path.is_file():
         raise ValueError(f"{path}: missing (the manifest lists {manifest[f'{split}_tokens']} {split} tokens)")

@@ -28,7 +28,6 @@ torch.Generator per request, seeded like generate.py's, so a seed reproduces a s
 
 from __future__ import annotations
 
-import codecs
 import copy
 import logging
 import threading
@@ -40,7 +39,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .generate import GenerationConfig, _eos_ids, _stop_prefix_length, decode_step
+from .generate import (
+    GenerationConfig,
+    StepFn,
+    TextDecoder,
+    check_int,
+    decode_step,
+    make_generator,
+    stop_token_ids,
+)
 from .kv_cache import KVCache, LayerCache
 from .sampling import sample
 
@@ -53,7 +60,6 @@ log = logging.getLogger(__name__)
 # on_event(kind, value): ("text", str) a piece of the reply; ("done", "stop" | "length") the end;
 # ("error", str) generation failed. Called on the engine's thread: it must return quickly and not block.
 OnEvent = Callable[[str, object], None]
-StepFn = Callable[..., torch.Tensor]  # generate.decode_step's signature; a compiled step can replace it
 
 # Requests decoded together. On the shared 2-core dev machine, 64 streams of 64 tokens (benchmarks/load_test.py)
 # ran at 41 tokens/s in total with 16 rows, 53 with 32 and 66 with 64; but each row costs KV-cache memory
@@ -64,38 +70,6 @@ DEFAULT_MAX_QUEUE = 64  # requests that may wait for a row before new ones get 4
 
 class QueueFull(Exception):
     """Every slot is busy and the waiting line is full: the server answers 429."""
-
-
-class TextDecoder:
-    """Token ids in, text out as soon as it is whole: the push-style twin of `generate.decode_text`.
-
-    A UTF-8 character split across tokens is held until its last byte arrives, and text that may be the
-    start of a stop string is held until it cannot be. `stopped` turns True when a stop string appears; the
-    text before it has then been returned and nothing after it ever is.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
-        self.tokenizer, self.stop = tokenizer, tuple(stop)
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.pending = ""
-        self.stopped = False
-
-    def push(self, token: int) -> str:
-        self.pending += self.utf8.decode(self.tokenizer.decode_bytes([token]))
-        cuts = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
-        if cuts:
-            self.stopped = True
-            text, self.pending = self.pending[: min(cuts)], ""
-            return text
-        keep = _stop_prefix_length(self.pending, self.stop)
-        text = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep :]
-        return text
-
-    def flush(self) -> str:
-        """The held-back text, once generation has ended (an unfinished UTF-8 character is dropped)."""
-        text, self.pending = self.pending, ""
-        return "" if self.stopped else text
 
 
 @dataclass(eq=False)
@@ -158,8 +132,7 @@ class Engine:
         limit = model.config.max_position_embeddings
         for name, value, minimum in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
                                      ("prefill_chunk", prefill_chunk, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+            check_int(name, value, minimum=minimum)
         if context_length is not None and not 2 <= context_length <= limit:
             raise ValueError(f"context_length must be between 2 and the model's {limit}, got {context_length}")
         self.model, self.tokenizer, self.step = model, tokenizer, step
@@ -208,13 +181,9 @@ class Engine:
         if config.repetition_penalty != 1.0:
             raise ValueError("repetition_penalty is not supported by the batching engine")
         job = Job(prompt, config, on_event)
-        job.stop_ids = frozenset(_eos_ids(config, self.model, self.tokenizer) | set(config.stop_ids))
+        job.stop_ids = frozenset(stop_token_ids(config, self.model, self.tokenizer))
         job.decoder = TextDecoder(self.tokenizer, config.stop_strings)
-        job.generator = torch.Generator(device=self.device)
-        if config.seed is None:
-            job.generator.seed()
-        else:
-            job.generator.manual_seed(config.seed)
+        job.generator = make_generator(config, self.device)
         with self._wake:
             if self._stopping:
                 raise QueueFull("the server is shutting down")

@@ -4,6 +4,7 @@
     generate_batch(model, prompts, **options)       -> list[list[int]]  prompts of any lengths, left-padded
     stream_text(model, tokenizer, prompt, **options) -> Stream[str]   text pieces, never broken UTF-8
     chat(model, tokenizer, messages, **options)      -> Stream[str]   a reply, with the model's chat template
+    TextDecoder(tokenizer, stop).push(token_id)     -> str           stream_text's decoding, one id at a time
 
 Options are the fields of `GenerationConfig` (each default lives there). Generation stops at an end-of-sequence
 token, a stop token id, a stop string or after max_new_tokens; the stream's `finish_reason` then says "stop" or
@@ -63,23 +64,23 @@ class GenerationConfig:
             eos = (self.eos_ids,) if isinstance(self.eos_ids, int) else tuple(self.eos_ids)
             object.__setattr__(self, "eos_ids", eos)
 
-        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        check_int("max_new_tokens", self.max_new_tokens, minimum=1)
         _check_number("temperature", self.temperature, "a finite number >= 0 (0 = greedy)", lambda v: v >= 0)
-        _check_int("top_k", self.top_k, minimum=0, hint=" (0 = off)")
+        check_int("top_k", self.top_k, minimum=0, hint=" (0 = off)")
         _check_number("top_p", self.top_p, "a number in (0, 1] (1 = off)", lambda v: 0 < v <= 1)
         _check_number("min_p", self.min_p, "a number in [0, 1] (0 = off)", lambda v: 0 <= v <= 1)
         _check_number("repetition_penalty", self.repetition_penalty, "a finite number > 0 (1 = off)",
                       lambda v: v > 0)
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0, hint=" or None")
+            check_int("seed", self.seed, minimum=0, hint=" or None")
         for item in self.stop:
             if isinstance(item, str):
                 if not item:
                     raise ValueError("stop strings must be non-empty, got ''")
             else:
-                _check_int("stop token id", item, minimum=0, hint=" or a non-empty string")
+                check_int("stop token id", item, minimum=0, hint=" or a non-empty string")
         for item in self.eos_ids or ():
-            _check_int("eos_ids entry", item, minimum=0)
+            check_int("eos_ids entry", item, minimum=0)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
 
@@ -92,7 +93,8 @@ class GenerationConfig:
         return tuple(s for s in self.stop if isinstance(s, str))
 
 
-def _check_int(name: str, value: object, *, minimum: int, hint: str = "") -> None:
+def check_int(name: str, value: object, *, minimum: int, hint: str = "") -> None:
+    """A ValueError naming `name` unless value is an int (not a bool) >= minimum."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}{hint}, got {value!r}")
 
@@ -213,13 +215,25 @@ def decode_step(
 # ---- the generation loop -------------------------------------------------------------------------------
 
 
-def _eos_ids(config: GenerationConfig, model: SmolLM2, tokenizer: Tokenizer | None) -> set[int]:
+def stop_token_ids(config: GenerationConfig, model: SmolLM2, tokenizer: Tokenizer | None) -> set[int]:
+    """The ids that end generation (and are not output): the stop ids, and the EOS ids unless ignore_eos."""
     if config.ignore_eos:
-        return set()
-    if config.eos_ids is not None:
-        return set(config.eos_ids)
-    ids = {model.config.eos_token_id, tokenizer.eos_id if tokenizer is not None else None}
-    return {i for i in ids if i is not None}
+        eos = set()
+    elif config.eos_ids is not None:
+        eos = set(config.eos_ids)
+    else:
+        eos = {model.config.eos_token_id, tokenizer.eos_id if tokenizer is not None else None} - {None}
+    return eos | set(config.stop_ids)
+
+
+def make_generator(config: GenerationConfig, device: torch.device) -> torch.Generator:
+    """The random generator of one request: seeded with config.seed, or freshly when it is None."""
+    generator = torch.Generator(device=device)
+    if config.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(config.seed)
+    return generator
 
 
 class _StopStrings:
@@ -285,12 +299,8 @@ def _decode_loop(
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
         for row, prompt in enumerate(prompts):
             seen[row, prompt] = True
-    generator = torch.Generator(device=device)
-    if config.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(config.seed)
-    stop_ids = _eos_ids(config, model, tokenizer) | set(config.stop_ids)
+    generator = make_generator(config, device)
+    stop_ids = stop_token_ids(config, model, tokenizer)
     stop_strings = _StopStrings(config.stop_strings, tokenizer, B)
     done = [False] * B
 
@@ -385,35 +395,58 @@ def generate_batch(
 # ---- text ----------------------------------------------------------------------------------------------
 
 
-def decode_text(tokenizer: Tokenizer, ids: Iterable[int], stop: Sequence[str] = ()) -> Generator[str, None, bool]:
-    """Text pieces for a stream of token ids: whole characters only, cut before the first stop string.
+class TextDecoder:
+    """Token ids in, text out as soon as it is whole: `push(token)` returns the text that became final.
 
     Byte-level BPE splits characters across tokens ("😀" is three tokens here), so bytes go through an
     incremental UTF-8 decoder that holds an incomplete character until its last byte arrives. Text that could
     be the start of a stop string is held back too, until it either completes the stop string (and is
-    dropped) or cannot. Returns True (the generator's return value) when a stop string ended the text.
+    dropped) or cannot. `stopped` turns True when a stop string appears: the text before it has then been
+    returned, and nothing after it ever is. `flush()` returns the held-back text once generation has ended.
     """
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # only truly invalid bytes become U+FFFD
-    pending = ""
-    for token in ids:
-        pending += utf8.decode(tokenizer.decode_bytes([token]))
-        cuts = [i for i in (pending.find(s) for s in stop) if i >= 0]
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # only truly invalid bytes: U+FFFD
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.pending += self.utf8.decode(self.tokenizer.decode_bytes([token]))
+        cuts = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
         if cuts:
-            if min(cuts) > 0:
-                yield pending[: min(cuts)]
+            self.stopped = True
+            text, self.pending = self.pending[: min(cuts)], ""
+            return text
+        keep = stop_prefix_length(self.pending, self.stop)
+        text = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep :]
+        return text
+
+    def flush(self) -> str:
+        """The held-back text that never became a stop string. Bytes of a character that never completed
+        (generation ended mid-character) are dropped rather than shown as U+FFFD."""
+        text, self.pending = self.pending, ""
+        return "" if self.stopped else text
+
+
+def decode_text(tokenizer: Tokenizer, ids: Iterable[int], stop: Sequence[str] = ()) -> Generator[str, None, bool]:
+    """Text pieces (never empty) for a stream of token ids: whole characters only, cut before the first stop
+    string (see TextDecoder). Returns True (the generator's return value) when a stop string ended the text."""
+    decoder = TextDecoder(tokenizer, stop)
+    for token in ids:
+        text = decoder.push(token)
+        if text:
+            yield text
+        if decoder.stopped:
             return True
-        keep = _stop_prefix_length(pending, stop)
-        if len(pending) > keep:
-            yield pending[: len(pending) - keep]
-            pending = pending[len(pending) - keep :]
-    # Held-back text that never became a stop string is output. Bytes of a character that never completed
-    # (generation ended mid-character) are dropped rather than shown as U+FFFD.
-    if pending:
-        yield pending
+    text = decoder.flush()
+    if text:
+        yield text
     return False
 
 
-def _stop_prefix_length(text: str, stop: Sequence[str]) -> int:
+def stop_prefix_length(text: str, stop: Sequence[str]) -> int:
     """Length of the longest end of text that is the beginning of a stop string."""
     best = 0
     for s in stop:

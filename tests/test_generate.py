@@ -14,6 +14,7 @@ from conftest import SHARED_DATA, require
 from smollm2.config import Config, preset
 from smollm2.generate import (
     GenerationConfig,
+    TextDecoder,
     chat,
     decode_step,
     decode_text,
@@ -340,6 +341,21 @@ def test_utf8_is_never_broken(tokenizer: Tokenizer) -> None:
     assert not any("\ufffd" in p for p in pieces)
     assert pieces[0] == "😀"  # shown whole, once its last byte has arrived
     assert len(pieces) < len(ids)  # tokens that end mid-character yield nothing on their own
+
+
+def test_text_decoder_matches_decode_text(tokenizer: Tokenizer) -> None:
+    """The push-style decoder (the server's engine uses it) gives decode_text's text: split UTF-8 characters
+    held until whole, and the text cut before the earliest stop string."""
+    text = "Café 😀 naïve — the end. STOP here"
+    ids = tokenizer.encode(text)
+    for stop in ([], ["STOP"], ["😀"], ["na", "end"]):
+        decoder = TextDecoder(tokenizer, stop)
+        pieces = [decoder.push(t) for t in ids if not decoder.stopped] + [decoder.flush()]
+        cuts = [text.find(s) for s in stop if s in text]
+        expected = text[: min(cuts)] if cuts else text
+        assert "".join(pieces) == "".join(decode_text(tokenizer, ids, stop)) == expected
+        assert decoder.stopped == bool(cuts)
+        assert all("\ufffd" not in p for p in pieces)  # never half a character
 
 
 def test_stream_text_holds_split_characters(tokenizer: Tokenizer) -> None:

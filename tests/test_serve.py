@@ -26,7 +26,7 @@ from conftest import REPO
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from smollm2.engine import Engine, QueueFull, TextDecoder  # noqa: E402
+from smollm2.engine import Engine, QueueFull  # noqa: E402
 from smollm2.generate import GenerationConfig, chat, generate, stream_text  # noqa: E402
 from smollm2.serve import MAX_BODY_BYTES, create_app  # noqa: E402
 
@@ -500,20 +500,6 @@ def test_sigterm_drains_and_exits_0(tiny, tmp_path):
 
 
 # ---- pieces --------------------------------------------------------------------------------------------
-
-
-def test_text_decoder_matches_library(tiny):
-    """The engine's push-style decoder gives the library's text: split UTF-8 characters and stop strings."""
-    from smollm2.generate import decode_text
-
-    tokenizer = tiny[1]
-    text = "Café 😀 naïve — the end. STOP here"
-    ids = tokenizer.encode(text)
-    for stop in ([], ["STOP"], ["😀"], ["na", "end"]):
-        decoder = TextDecoder(tokenizer, stop)
-        pieces = [decoder.push(t) for t in ids if not decoder.stopped] + [decoder.flush()]
-        assert "".join(pieces) == "".join(decode_text(tokenizer, ids, stop))
-        assert all("\ufffd" not in p for p in pieces)  # never half a character
 
 
 def test_engine_rejects_when_full(tiny):

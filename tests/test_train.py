@@ -303,12 +303,12 @@ def test_bad_data_and_settings_are_clear_errors(tmp_path: Path) -> None:
     wide = write_tokens(tmp_path / "wide", np.arange(200), np.arange(50), vocab_size=49152)
     with pytest.raises(ValueError, match="token ids up to 49151, but the model .* has only 256 embeddings"):
         train(quick_config(wide, tmp_path / "run", model), progress=False)
-    with pytest.raises(FileNotFoundError, match="no such data directory"):
+    with pytest.raises(ValueError, match="missing: no such data directory"):
         train(quick_config(tmp_path / "missing", tmp_path / "run", model), progress=False)
     truncated = write_tokens(tmp_path / "truncated", np.arange(200), np.arange(50))
     with open(truncated / "train.bin", "ab") as f:
         f.write(b"\x00")
-    with pytest.raises(ValueError, match="401 bytes, but manifest.json says 200 uint16 tokens"):
+    with pytest.raises(ValueError, match=r"train.bin: 401 bytes, but the manifest says 200 tokens \(400 bytes\)"):
         TokenData.open(truncated)
     data = byte_corpus(tmp_path / "data")
     with pytest.raises(ValueError, match="--batch-size 4 must be divisible by --grad-accum 3"):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..data import fsync_dir
 from .config import TrainConfig
 
 CHECKPOINTS = "checkpoints"  # subdirectory of the run directory
@@ -135,14 +136,14 @@ def save_checkpoint(
     marker = {"step": step, "files": {p.name: p.stat().st_size for p in files}}
     (tmp / COMPLETE).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
     _fsync_file(tmp / COMPLETE)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
     old = None
     if final.exists():  # the same step saved again (e.g. stopped right after a periodic save)
         old = root / f".tmp-old-{final.name}-{os.getpid()}"
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     for stale in list_checkpoints(run_dir)[:-keep_last]:
@@ -158,20 +159,6 @@ def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (new files, renames) durable. Not possible on Windows, where it is skipped."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
 

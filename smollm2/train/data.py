@@ -1,7 +1,8 @@
 """Training data: the token files `smollm2 prepare` writes, and which windows of them each step trains on.
 
-DATA_DIR holds train.bin and val.bin (flat little-endian uint16 token streams, documents separated by
-<|endoftext|>) and manifest.json. They are memory-mapped, never read whole.
+DATA_DIR is a prepared data directory (format and checks in smollm2/data.py): train.bin and val.bin, flat
+uint16 token streams with documents separated by <|endoftext|>, and manifest.json. The streams are
+memory-mapped, never read whole.
 
 A training example is a window of seq_len + 1 tokens: the model reads the first seq_len and predicts the last
 seq_len (labels = inputs shifted by one). Each epoch cuts the stream into windows at a seeded random offset and
@@ -14,7 +15,6 @@ position, so its resumes are not reproducible).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT = "smollm2-tokens-v1"
+from ..data import load_tokens, read_manifest
 
 
 @dataclass
@@ -30,7 +30,7 @@ class TokenData:
     """The two token streams of a prepared corpus and its manifest."""
 
     directory: Path
-    manifest: dict[str, Any]
+    manifest: dict[str, Any]  # read_manifest()'s checked manifest
     train: np.ndarray  # (train_tokens,) uint16, memory-mapped
     val: np.ndarray  # (val_tokens,) uint16, may be empty
 
@@ -40,41 +40,13 @@ class TokenData:
 
     @classmethod
     def open(cls, directory: str | Path) -> TokenData:
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"{directory}: no such data directory (write one with `smollm2 prepare`)")
-        manifest_path = directory / "manifest.json"
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{manifest_path}: missing (write the data with `smollm2 prepare`)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{manifest_path}: not valid JSON ({e})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-            raise ValueError(f"{manifest_path}: format is {found!r}, expected {FORMAT!r}")
-        if manifest.get("dtype") != "uint16":
-            raise ValueError(f"{manifest_path}: dtype is {manifest.get('dtype')!r}, expected 'uint16'")
-        for key in ("vocab_size", "train_tokens", "val_tokens"):
-            if not isinstance(manifest.get(key), int) or manifest[key] < 0:
-                raise ValueError(f"{manifest_path}: {key} must be a non-negative integer, got {manifest.get(key)!r}")
-        train = _open_tokens(directory / "train.bin", manifest["train_tokens"])
-        val = _open_tokens(directory / "val.bin", manifest["val_tokens"])
+        """A prepared data directory (checked by smollm2.data: manifest fields, file sizes) with training tokens."""
+        directory = Path(directory).expanduser()
+        manifest = read_manifest(directory)
+        train, val = load_tokens(directory, "train", manifest), load_tokens(directory, "val", manifest)
         if len(train) == 0:
             raise ValueError(f"{directory / 'train.bin'}: no training tokens (was the input text empty?)")
         return cls(directory, manifest, train, val)
-
-
-def _open_tokens(path: Path, expected: int) -> np.ndarray:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing")
-    size = path.stat().st_size
-    if size != 2 * expected:
-        raise ValueError(f"{path}: {size} bytes, but manifest.json says {expected} uint16 tokens "
-                         f"({2 * expected} bytes)")
-    if size == 0:
-        return np.zeros(0, dtype=np.uint16)  # numpy cannot memory-map an empty file
-    return np.memmap(path, dtype="<u2", mode="r")
 
 
 def windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:

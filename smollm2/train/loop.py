@@ -32,17 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from ..config import PRESETS, Config, preset
+from ..data import load_tokenizer
 from ..kv_cache import KVCache
 from ..model import SmolLM2
+from ..tokenizer import Tokenizer
 from . import dist
 from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig
@@ -126,19 +121,6 @@ def make_optimizer(module: nn.Module, config: TrainConfig, device: torch.device)
         return torch.optim.AdamW(groups, fused=True, **kwargs)  # one kernel for all parameters
     except (RuntimeError, ValueError):  # no fused kernel for this device
         return torch.optim.AdamW(groups, **kwargs)
-
-
-def load_tokenizer(source: str):  # -> Tokenizer
-    """The tokenizer a data manifest names: a directory with tokenizer.json, a tokenizer.json, a .gguf, a hub id."""
-    from ..gguf import read_gguf, tokenizer_from_gguf
-    from ..loading import resolve
-    from ..tokenizer import Tokenizer
-
-    path = Path(source)
-    if path.name == "tokenizer.json" and path.is_file():
-        return Tokenizer.from_dir(path.parent)
-    kind, path = resolve(source or None)
-    return Tokenizer.from_dir(path) if kind == "dir" else tokenizer_from_gguf(read_gguf(path), path)
 
 
 def check_resume(config: TrainConfig, checkpoint: Checkpoint, world_size: int, train_tokens: int) -> None:
@@ -328,6 +310,14 @@ class Trainer:
             group.update(weight_decay=decay, betas=(self.config.beta1, self.config.beta2), eps=self.config.eps)
 
     def _restore(self, checkpoint: Checkpoint) -> None:
+        # Imported here: torch.distributed.checkpoint takes about a second to import, which every `smollm2`
+        # command would pay (the CLI imports this module for TrainConfig's flags).
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
         options = StateDictOptions(full_state_dict=True)
         state = {_PREFIX + k: v for k, v in checkpoint.model_state.items()}
         if self.model_config.tie_word_embeddings:
@@ -342,17 +332,17 @@ class Trainer:
         self.sampler.load_state_dict(checkpoint.trainer["data"])
         restore_rng(checkpoint.trainer["rng"], checkpoint.rng_tensors)
 
-    def _tokenizer(self, checkpoint: Checkpoint | None):  # -> Tokenizer | None
+    def _tokenizer(self, checkpoint: Checkpoint | None) -> Tokenizer | None:
         """For samples, and saved into every checkpoint: the resumed checkpoint's copy, else the data directory's,
         else the one the data manifest names."""
         try:
             for directory in (checkpoint.path if checkpoint is not None else None, self.data.directory):
                 if directory is not None and (directory / "tokenizer.json").is_file():
-                    return load_tokenizer(str(directory / "tokenizer.json"))
+                    return load_tokenizer(directory / "tokenizer.json")[0]
             source = (self.data.manifest.get("tokenizer") or {}).get("source")
-            if source is None:
+            if not source:
                 raise ValueError("the data manifest names no tokenizer")
-            return load_tokenizer(str(source))
+            return load_tokenizer(str(source))[0]
         except (ValueError, FileNotFoundError, ConnectionError) as e:
             if self.ctx.is_main:
                 log.warning("no tokenizer (%s): no samples, and checkpoints will not include one", e)
@@ -471,7 +461,7 @@ class Trainer:
         total = min(len(ids) + self.config.sample_tokens, self.model_config.max_position_embeddings)
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         cache = KVCache(self.model_config, 1, total, dtype=dtype, device=self.device)
-        eot = self.data.manifest.get("eot_id")
+        eot = self.data.manifest["eot_id"]
         out: list[int] = []
         with self.autocast(), self.eager():
             logits = self.core(torch.tensor([ids], device=self.device), cache=cache, start=0)  # (1, vocab)
@@ -504,6 +494,12 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------------------------
 
     def save(self, step: int) -> None:
+        from torch.distributed.checkpoint.state_dict import (  # slow to import: see _restore
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: gathered onto rank 0
         model_state = get_model_state_dict(self.core, options=options)
         optimizer_state = get_optimizer_state_dict(self.core, self.optimizer, options=options)
