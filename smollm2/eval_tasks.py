@@ -406,7 +406,7 @@ def predict(logprob_sums: Sequence[float], choices: Sequence[str], normalize: bo
     lengths = [continuation_length(c) for c in choices]
     if 0 in lengths:
         raise ValueError(f"acc_norm cannot normalise a choice of length 0: {list(choices)!r}")
-    return _argmax([s / n for s, n in zip(logprob_sums, lengths)])
+    return _argmax([s / n for s, n in zip(logprob_sums, lengths, strict=False)])
 
 
 def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
@@ -440,7 +440,7 @@ def accuracy(items: Sequence[Item], logprob_sums: Sequence[Sequence[float]]) -> 
     if not items:
         raise ValueError("cannot score an empty list of items")
     hits = hits_norm = 0
-    for item, sums in zip(items, logprob_sums):
+    for item, sums in zip(items, logprob_sums, strict=False):
         if len(sums) != len(item.choices):
             raise ValueError(f"item {item.id!r}: {len(sums)} log-prob sums for {len(item.choices)} choices")
         hits += predict(sums, item.choices, normalize=False) == item.gold
