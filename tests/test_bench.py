@@ -1,0 +1,72 @@
+"""`smollm2 bench` (smollm2/bench.py) end to end on a tiny saved model: every configuration runs, the numbers
+are consistent with each other, and the last line of output is the JSON report. Speed itself is not asserted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import ORIGINAL_TOKENIZER, require
+from smollm2.bench import _common_prefix, prompt_ids
+from smollm2.cli import main
+from smollm2.config import Config
+from smollm2.model import SmolLM2
+from smollm2.tokenizer import Tokenizer
+from smollm2.weights import save_pretrained
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer model with the real tokenizer (vocab 49152), saved in the original's layout."""
+    tokenizer = Tokenizer.from_dir(require(ORIGINAL_TOKENIZER).parent)
+    config = Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = SmolLM2(config)
+    model.init_weights()
+    path = tmp_path_factory.mktemp("tiny")
+    save_pretrained(model, path, tokenizer)
+    return path
+
+
+def test_prompt_is_exactly_the_requested_length() -> None:
+    tokenizer = Tokenizer.from_dir(require(ORIGINAL_TOKENIZER).parent)
+    for n in (1, 100, 512):
+        ids = prompt_ids(tokenizer, n)
+        assert len(ids) == n and all(0 <= i < tokenizer.vocab_size for i in ids)
+    assert prompt_ids(tokenizer, 512)[:50] == prompt_ids(tokenizer, 100)[:50]
+    with pytest.raises(ValueError, match="--prompt-len must be at least 1"):
+        prompt_ids(tokenizer, 0)
+
+
+def test_common_prefix() -> None:
+    assert _common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert _common_prefix([1, 2], [1, 2]) == 2 and _common_prefix([5], [1]) == 0
+
+
+def test_bench_command_end_to_end(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out_file = tmp_path / "bench.json"
+    code = main(["bench", "--source", str(tiny_dir), "--modes", "none,int4", "--against", "none",
+                 "--prompt-len", "16", "--new-tokens", "5", "--repeats", "2", "--no-compile",
+                 "--json", str(out_file)])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert report == json.loads(out_file.read_text())
+    assert "ours fp32 (eager)" in "\n".join(lines[:-1])  # the table came first
+    assert report["prompt_len"] == 16 and report["bandwidth_gb_s"] > 0
+    fp32, int4 = report["results"]
+    assert (fp32["mode"], int4["mode"]) == ("none", "int4")
+    for r in (fp32, int4):
+        assert len(r["tokens"]) == 5 and len(r["decode_runs_tok_s"]) == 2
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["peak_rss_mb"] > 50
+        assert r["limit_tok_s"] == pytest.approx(report["bandwidth_gb_s"] * 1e3 / r["weight_mb_per_token"])
+    assert fp32["same_tokens"] == 5  # the reference (our fp32, with no transformers run) against itself
+    assert int4["weight_mb_per_token"] < fp32["weight_mb_per_token"] / 3
+
+
+def test_bench_rejects_unknown_modes(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--modes", "int3"])
+    assert "unknown --modes value(s) int3" in capsys.readouterr().err
