@@ -9,13 +9,15 @@ load time and compile time are its own and no compiled graph or allocator state 
   prefill   tokens/s over a --prompt-len prompt into an empty cache, last position's logits only
   ttft      time to first token: cache allocation, prefill and picking the first token
   decode    tokens/s over --new-tokens greedy one-token steps (batch 1) after the prompt
-  peak RSS  the process's peak resident memory (ru_maxrss), weights and activations included
+  RSS       the process's peak resident memory (VmHWM): "run" after loading (warm-up, compiling and the
+            timed runs), "peak" over the whole process (loading converts float weights, so it peaks there)
 Every number is the median of --repeats runs after one warm-up run (which also compiles). The parent also
 measures the memory bandwidth (reading a 512 MiB tensor), and reports for each of our modes the decode limit
 that bandwidth sets, bandwidth / bytes of weights read per token, and how close the mode comes to it.
 
 All configurations decode greedily from the same prompt, so their token ids are comparable: the table says
-how many of the new tokens match transformers fp32 (or our fp32 when transformers is not run).
+how many leading new tokens match transformers fp32's (or our fp32's when transformers is not run), and
+llama.cpp's when it runs (our quantised modes compute as it does: int8 activations, the GGUF's own blocks).
 The last line printed is the whole result as JSON (nanochat's infer_bench convention).
 """
 
@@ -60,7 +62,8 @@ class Result:
     prefill_tok_s: float
     decode_tok_s: float
     ttft_s: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # the whole process, loading included
+    run_rss_mb: float  # after loading: warm-up (compiling) and the timed runs
     load_s: float
     compile_s: float
     tokens: list[int]  # the greedy new tokens (the same prompt for everyone)
@@ -103,12 +106,35 @@ def peak_rss_mb() -> float:
 
 
 def reset_peak_rss() -> bool:
-    """Restart the peak-RSS count from the current RSS (Linux: writing 5 to clear_refs); False if unsupported."""
+    """Restart the peak-RSS count from the current RSS (Linux: writing 5 to clear_refs); False if unsupported.
+    Freed memory is first handed back to the OS (gc, then glibc's malloc_trim), so that the count starts from
+    what is really in use."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
     except OSError:
         return False
+
+
+def _tokenizer(source: str | None):  # -> Tokenizer
+    """The source's tokenizer alone (the peers tokenize with ours, so every configuration gets the same ids)."""
+    from .loading import resolve
+    from .tokenizer import Tokenizer
+
+    kind, path = resolve(source)
+    if kind == "gguf":
+        from .gguf import read_gguf, tokenizer_from_gguf
+
+        return tokenizer_from_gguf(read_gguf(path), path)
+    return Tokenizer.from_dir(path)
 
 
 def _sync(device: str) -> None:
@@ -123,12 +149,13 @@ def _timed_runs(run_once: Callable[[], tuple[float, float, float, list[int]]], r
 
 
 def _result(name: str, mode: str, runs, prompt_len: int, new_tokens: int, load_s: float, compile_s: float,
-            weight_bytes: int | None = None) -> Result:
+            peak_load_mb: float, weight_bytes: int | None = None) -> Result:
     prefill = [prompt_len / r[0] for r in runs]
     decode = [(new_tokens - 1) / r[2] for r in runs]  # the first new token comes from the prefill
     return Result(
         name=name, mode=mode, prefill_tok_s=statistics.median(prefill), decode_tok_s=statistics.median(decode),
-        ttft_s=statistics.median(r[1] for r in runs), peak_rss_mb=peak_rss_mb(), load_s=load_s,
+        ttft_s=statistics.median(r[1] for r in runs), peak_rss_mb=max(peak_load_mb, peak_rss_mb()),
+        run_rss_mb=peak_rss_mb(), load_s=load_s,
         compile_s=compile_s, tokens=runs[-1][3], decode_runs_tok_s=decode, prefill_runs_tok_s=prefill,
         weight_mb_per_token=None if weight_bytes is None else weight_bytes / 1e6,
     )
@@ -151,6 +178,8 @@ def bench_ours(source: str | None, mode: str, prompt_len: int, new_tokens: int, 
     quantize_model(model, mode)
     _sync(device)
     load_s = time.perf_counter() - t
+    peak_load_mb = peak_rss_mb()
+    reset_peak_rss()  # from here on: what running needs (loading peaks while float weights are converted)
     ids = torch.tensor([prompt_ids(tokenizer, prompt_len)], device=device)
     dtype = next(model.parameters()).dtype
     decoder = FastDecoder(model, compile=compile)
@@ -178,7 +207,8 @@ def bench_ours(source: str | None, mode: str, prompt_len: int, new_tokens: int, 
     compile_s = max(0.0, first[2] - eager[2]) if compile else 0.0
     runs = [run_once() for _ in range(repeats)]
     name = {"none": "ours fp32"}.get(mode, f"ours {mode}") + ("" if compile else " (eager)")
-    return _result(name, mode, runs, prompt_len, new_tokens, load_s, compile_s, weight_bytes_per_token(model))
+    return _result(name, mode, runs, prompt_len, new_tokens, load_s, compile_s, peak_load_mb,
+                   weight_bytes_per_token(model))
 
 
 def bench_transformers(source: str | None, dtype_name: str, prompt_len: int, new_tokens: int,
@@ -187,7 +217,7 @@ def bench_transformers(source: str | None, dtype_name: str, prompt_len: int, new
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
-    from .loading import load_weights, resolve
+    from .loading import resolve
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     t = time.perf_counter()
@@ -200,7 +230,9 @@ def bench_transformers(source: str | None, dtype_name: str, prompt_len: int, new
     model = model.to(device).eval()
     _sync(device)
     load_s = time.perf_counter() - t
-    _, _, tokenizer = load_weights(source)  # our tokenizer: the same ids for everyone
+    tokenizer = _tokenizer(source)
+    peak_load_mb = peak_rss_mb()
+    reset_peak_rss()
     ids = torch.tensor([prompt_ids(tokenizer, prompt_len)], device=device)
 
     @torch.inference_mode()
@@ -222,14 +254,15 @@ def bench_transformers(source: str | None, dtype_name: str, prompt_len: int, new
         return t1 - t0, t1 - t0, t2 - t1, tokens
 
     runs = _timed_runs(run_once, repeats)
-    return _result(f"transformers {dtype_name}", dtype_name, runs, prompt_len, new_tokens, load_s, 0.0)
+    return _result(f"transformers {dtype_name}", dtype_name, runs, prompt_len, new_tokens, load_s, 0.0,
+                   peak_load_mb)
 
 
 def bench_llama_cpp(source: str | None, prompt_len: int, new_tokens: int, repeats: int) -> Result:
     """llama.cpp (llama-cpp-python) on the GGUF file itself, with as many threads as torch uses."""
     import llama_cpp
 
-    from .loading import load_weights, resolve
+    from .loading import resolve
 
     kind, path = resolve(source)
     if kind != "gguf":
@@ -239,8 +272,9 @@ def bench_llama_cpp(source: str | None, prompt_len: int, new_tokens: int, repeat
                           n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
                           verbose=False)
     load_s = time.perf_counter() - t
-    _, _, tokenizer = load_weights(source)
-    ids = prompt_ids(tokenizer, prompt_len)
+    ids = prompt_ids(_tokenizer(source), prompt_len)
+    peak_load_mb = peak_rss_mb()
+    reset_peak_rss()
 
     def run_once() -> tuple[float, float, float, list[int]]:
         llm.reset()  # forget the previous run, or generate() would reuse its cached prompt
@@ -255,7 +289,7 @@ def bench_llama_cpp(source: str | None, prompt_len: int, new_tokens: int, repeat
         return t1 - t0, t1 - t0, t2 - t1, tokens
 
     runs = _timed_runs(run_once, repeats)
-    return _result("llama.cpp (GGUF as is)", "gguf", runs, prompt_len, new_tokens, load_s, 0.0)
+    return _result("llama.cpp (GGUF as is)", "gguf", runs, prompt_len, new_tokens, load_s, 0.0, peak_load_mb)
 
 
 def _worker(spec: dict) -> Result:
@@ -312,9 +346,10 @@ def run_bench(
         raise ValueError(f"need --repeats >= 1, --new-tokens >= 2 and --prompt-len >= 1, got {repeats}, "
                          f"{new_tokens}, {prompt_len}")
     common = dict(source=source, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats)
+    skipped = [f"ours {m} (CPU kernels only)" for m in modes if m in ("int8", "int4") and device != "cpu"]
+    modes = tuple(m for m in modes if device == "cpu" or m not in ("int8", "int4"))
     specs = [dict(kind="ours", mode=m, compile=compile, device=device, **common) for m in modes]
     available = peers_available()
-    skipped = []
     for peer in against:
         if not available[peer]:
             skipped.append(f"{peer} (not installed)")
@@ -332,12 +367,15 @@ def run_bench(
         results.append(run_worker(dict(spec)))
     reference = next((r for r in results if r.name == "transformers fp32"),
                      next((r for r in results if r.mode == "none"), None))
+    llama = next((r for r in results if r.mode == "gguf"), None)
     rows = []
     for r in results:
         row = asdict(r)
         if reference is not None:
             row["same_tokens_as"] = reference.name
             row["same_tokens"] = _common_prefix(r.tokens, reference.tokens)
+        if llama is not None:  # quantised modes compute as llama.cpp does: compare with it too
+            row["same_tokens_as_llama_cpp"] = _common_prefix(r.tokens, llama.tokens)
         if bandwidth and r.weight_mb_per_token:
             row["limit_tok_s"] = bandwidth * 1e3 / r.weight_mb_per_token
             row["fraction_of_limit"] = r.decode_tok_s / row["limit_tok_s"]
@@ -382,17 +420,19 @@ def format_table(report: dict):  # -> rich.table.Table
 
     table = Table(title=f"SmolLM2 inference: prompt {report['prompt_len']}, {report['new_tokens']} new tokens, "
                         f"batch 1, greedy, median of {report['repeats']}")
-    for col in ("configuration", "prefill tok/s", "decode tok/s", "TTFT ms", "peak RSS MB", "load s", "compile s",
-                "MB read/tok", "limit tok/s", "of limit", "same tokens"):
+    for col in ("configuration", "prefill tok/s", "decode tok/s", "TTFT ms", "RSS MB run/peak", "load s",
+                "compile s", "MB read/tok", "limit tok/s", "of limit", "same tokens"):
+        # "same tokens": how many leading greedy tokens equal the reference's (transformers fp32, else ours
+        # fp32), then llama.cpp's when it ran
         table.add_column(col, justify="left" if col == "configuration" else "right", no_wrap=True)
     for r in report["results"]:
         limit = r.get("limit_tok_s")
         table.add_row(
             r["name"], f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}", f"{r['ttft_s'] * 1e3:.0f}",
-            f"{r['peak_rss_mb']:.0f}", f"{r['load_s']:.1f}", f"{r['compile_s']:.1f}",
+            f"{r['run_rss_mb']:.0f} / {r['peak_rss_mb']:.0f}", f"{r['load_s']:.1f}", f"{r['compile_s']:.1f}",
             f"{r['weight_mb_per_token']:.0f}" if r.get("weight_mb_per_token") else "-",
             f"{limit:.0f}" if limit else "-", f"{r['fraction_of_limit']:.0%}" if limit else "-",
-            f"{r['same_tokens']}/{len(r['tokens'])}" if "same_tokens" in r else "-",
+            " / ".join(f"{r[k]}" for k in ("same_tokens", "same_tokens_as_llama_cpp") if k in r) or "-",
         )
     return table
 

@@ -1,25 +1,33 @@
 """A compiled one-token decode step: `FastDecoder(model)` is a drop-in for `generate.decode_step`.
 
+    step = FastDecoder(model)                 # then: generate(model, ids, step=step), or Engine(..., step=step)
+
 Decoding one token on a CPU costs three things: reading every weight once (see quantize.py), attending over
 the cache, and the Python and dispatch overhead of ~400 small ops (30 layers x ~13). Eager PyTorch spends
 ~6.5 ms per token on the overhead alone, more than the int4 matmuls. This module removes most of it:
 
-* `torch.compile` traces the whole step (30 blocks and the output projection) into one graph; inductor fuses
-  the norms, rotary embedding and residual adds into a few C++ loops and calls the matmul kernels directly.
+* `torch.compile(fullgraph=True)` traces the whole step (30 blocks and the output projection) into one graph;
+  inductor fuses the norms, rotary embedding and residual adds into a few C++ loops per block and calls the
+  matmul kernels directly. A quantised model's fused q/k/v and gate/up projections are used (quantize.py).
 * The step has tensor inputs only: the cache slot and the rotary positions are int64 tensors, never Python
   ints, so one graph serves every position and nothing calls `.item()` (which would split the graph).
 * Attention reads the cache only up to the current length rounded up to a bucket of 64 positions, with a
   mask for the unfilled tail. Attending over the whole preallocated cache instead costs ~0.3 ms per layer at
-  512 positions and grows with the cache. The bucketed length is marked dynamic, so one compiled graph serves
-  every bucket: no recompile every 64 tokens.
+  512 positions and grows with the cache. The bucketed length is an "unbacked" dynamic size and the cache
+  length is dynamic, so one compiled graph serves every bucket of every cache: no recompile every 64 tokens
+  nor for a new prompt (a batch of more than one row compiles once more).
 * Dynamo's guards on the model's modules and parameters are skipped (`guard_filter_fn`): checking them costs
   ~1 ms per call. So the model must not be changed (reloaded, re-quantised) after the decoder is built.
-* Compiling takes ~20-40 s for 30 layers; inductor's FX graph cache (on by default, under
+* Compiling takes ~20-60 s for 30 layers; inductor's FX graph cache (on by default, under
   /tmp/torchinductor_$USER) brings a repeat in a new process down to a few seconds. `compile_seconds` holds the
   time the first call took.
 
-With `compile=False` the same step runs eagerly: the bucketed attention and the mkldnn switch still apply.
-The logits equal the plain model's up to float rounding (tests/test_fast.py checks both paths).
+With `compile=False` the same step runs eagerly: the bucketed attention, the fused projections and the
+mkldnn switch still apply. The logits equal the plain model's up to float rounding (tests/test_fast.py).
+
+Threads: with torch's default 2+ threads, OpenMP workers spin between parallel regions. On a machine whose
+cores are busy with other work that spinning can make every step many times slower; OMP_WAIT_POLICY=passive
+(set before Python starts) or torch.set_num_threads(1) avoids it there. On an idle machine the default is fastest.
 """
 
 from __future__ import annotations

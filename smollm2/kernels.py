@@ -14,10 +14,13 @@ For the group of 32 inputs g and an output row r, with activations x ~ sx[g] * x
   q8:  sum_k w[r,k] x[k] ~ sum_g d[r,g] sx[g] ((sum_k (code + 128) xq) - 128 sum_k xq)
 The weights are repacked so that one 64-byte load holds 4 consecutive inputs for 16 output rows: each
 `vpdpbusd` then advances 16 rows at once against one broadcast group of 4 activations, with no horizontal
-sums. A kernel call costs ~1 us, against ~5 us for torch's.
+sums. Work is split over row blocks with at::parallel_for (torch's own OpenMP threads); a block's codes are
+read once and reused from cache for every row of a prefill. On one core with the weights in cache these run
+3-4x faster than torch's int4/int8 kernels (e.g. 960 x 576: 10 us against 34-37 us).
 
 Everything else falls back cleanly: `available()` is False without a C++ compiler, on a CPU without AVX-512
-VNNI, or where the build fails, and quantize.py then uses torch's kernels.
+VNNI, or where the build fails, and quantize.py then uses torch's kernels. The build is cached under
+~/.cache/torch_extensions (load_inline's directory), keyed by NAME.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-NAME = "smollm2_vnni_v7"  # bump when the source changes: the build cache is keyed by name
+NAME = "smollm2_vnni_v8"  # bump when the source changes: the build cache is keyed by name
 ROWS = 16  # output rows per packed block: one 512-bit register of int32 accumulators
 GROUP = 32  # input channels per activation (and q4 weight) scale
 
@@ -45,34 +48,37 @@ _SOURCE = r"""
 
 namespace {
 
-// Activations of one row, quantised per group of 32: xq int8, the group's scale, sum of xq and exact sum of x.
-struct QuantRow {
+// Activations quantised per group of 32: xq int8, and per (row, group) the scale, the sum of xq and the exact
+// sum of x. Rows are M rows of K inputs (G = K / 32 groups each).
+struct Acts {
   std::vector<int8_t> xq;
   std::vector<float> scale, sum_x;
   std::vector<int32_t> sum_q;
 };
 
 template <typename T>
-void quantize_row(const T* x, int64_t K, QuantRow& out) {
+void quantize_rows(const T* x, int64_t M, int64_t K, Acts& a) {
   const int64_t G = K / 32;
-  out.xq.resize(K); out.scale.resize(G); out.sum_x.resize(G); out.sum_q.resize(G);
-  float xg[32];
-  for (int64_t g = 0; g < G; ++g) {
-    float amax = 0.f, sum = 0.f;
-    for (int k = 0; k < 32; ++k) {
-      xg[k] = static_cast<float>(x[g * 32 + k]);
-      amax = std::max(amax, std::fabs(xg[k]));
-      sum += xg[k];
+  a.xq.resize(M * K); a.scale.resize(M * G); a.sum_x.resize(M * G); a.sum_q.resize(M * G);
+  at::parallel_for(0, M * G, 2048, [&](int64_t i0, int64_t i1) {  // i = row * G + group
+    float xg[32];
+    for (int64_t i = i0; i < i1; ++i) {
+      float amax = 0.f, sum = 0.f;
+      for (int k = 0; k < 32; ++k) {
+        xg[k] = static_cast<float>(x[i * 32 + k]);
+        amax = std::max(amax, std::fabs(xg[k]));
+        sum += xg[k];
+      }
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t qs = 0;
+      for (int k = 0; k < 32; ++k) {
+        const int32_t q = static_cast<int32_t>(std::nearbyint(xg[k] * inv));
+        a.xq[i * 32 + k] = static_cast<int8_t>(q);
+        qs += q;
+      }
+      a.scale[i] = amax / 127.f; a.sum_x[i] = sum; a.sum_q[i] = qs;
     }
-    const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    int32_t qs = 0;
-    for (int k = 0; k < 32; ++k) {
-      const int32_t q = static_cast<int32_t>(std::nearbyint(xg[k] * inv));
-      out.xq[g * 32 + k] = static_cast<int8_t>(q);
-      qs += q;
-    }
-    out.scale[g] = s; out.sum_x[g] = sum; out.sum_q[g] = qs;
-  }
+  });
 }
 
 inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
@@ -88,105 +94,104 @@ inline __m512i bcast4(const int8_t* p) {  // 4 int8 activations to every 32-bit 
   int32_t v; std::memcpy(&v, p, 4); return _mm512_set1_epi32(v);
 }
 
-// q4: codes [N/16][G][4][64] bytes, d and z [N/16][G][16] fp16; w = d * (q - 8) + z.
-template <typename Out>
-void q4_rows(const QuantRow& a, const uint8_t* codes, const at::Half* d, const at::Half* z,
-             int64_t G, int64_t rb0, int64_t rb1, Out* y) {
+inline __m512 load16h(const at::Half* p) {  // 16 fp16 values to fp32
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// q4: codes [N/16][G][4][64] bytes, d and z [N/16][G][16] fp16; w = d * (q - 8) + z. One row block (16 output
+// rows) against activation row m (xq, scale, sum_q, sum_x at that row's offsets).
+inline __m512 q4_block(const uint8_t* c, const at::Half* d, const at::Half* z, const int8_t* xq,
+                       const float* scale, const int32_t* sum_q, const float* sum_x, int64_t G) {
   const __m512i low = _mm512_set1_epi8(0x0F);
-  for (int64_t rb = rb0; rb < rb1; ++rb) {
-    __m512 acc = _mm512_setzero_ps();
-    const uint8_t* c = codes + rb * G * 256;
-    const uint16_t* dd = reinterpret_cast<const uint16_t*>(d) + rb * G * 16;
-    const uint16_t* zz = reinterpret_cast<const uint16_t*>(z) + rb * G * 16;
-    for (int64_t g = 0; g < G; ++g, c += 256) {
-      const int8_t* xq = a.xq.data() + g * 32;
-      __m512i isum = _mm512_setzero_si512();
-      for (int p = 0; p < 4; ++p) {
-        const __m512i v = _mm512_loadu_si512(c + p * 64);
-        isum = _mm512_dpbusd_epi32(isum, _mm512_and_si512(v, low), bcast4(xq + 8 * p));
-        isum = _mm512_dpbusd_epi32(isum, _mm512_and_si512(_mm512_srli_epi16(v, 4), low), bcast4(xq + 8 * p + 4));
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g, c += 256, xq += 32) {
+    __m512i isum = _mm512_setzero_si512();
+    for (int p = 0; p < 4; ++p) {
+      const __m512i v = _mm512_loadu_si512(c + p * 64);
+      isum = _mm512_dpbusd_epi32(isum, _mm512_and_si512(v, low), bcast4(xq + 8 * p));
+      isum = _mm512_dpbusd_epi32(isum, _mm512_and_si512(_mm512_srli_epi16(v, 4), low), bcast4(xq + 8 * p + 4));
+    }
+    // sum (q - 8) xq = sum q xq - 8 sum xq, exactly: centred codes halve the activation rounding error
+    isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(8 * sum_q[g]));
+    acc = _mm512_fmadd_ps(_mm512_mul_ps(load16h(d + g * 16), _mm512_set1_ps(scale[g])), _mm512_cvtepi32_ps(isum),
+                          acc);
+    acc = _mm512_fmadd_ps(load16h(z + g * 16), _mm512_set1_ps(sum_x[g]), acc);
+  }
+  return acc;
+}
+
+// q8: codes [N/16][G][8][64] bytes (code + 128), d [N/16][G][16] fp16 (llama.cpp's Q8_0: w = d * code).
+inline __m512 q8_block(const uint8_t* c, const at::Half* d, const at::Half* /*unused*/, const int8_t* xq,
+                       const float* scale, const int32_t* sum_q, const float* /*unused*/, int64_t G) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g, c += 512, xq += 32) {
+    __m512i isum = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j)
+      isum = _mm512_dpbusd_epi32(isum, _mm512_loadu_si512(c + j * 64), bcast4(xq + 4 * j));
+    isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(128 * sum_q[g]));  // the +128 of the stored codes
+    acc = _mm512_fmadd_ps(_mm512_mul_ps(load16h(d + g * 16), _mm512_set1_ps(scale[g])), _mm512_cvtepi32_ps(isum),
+                          acc);
+  }
+  return acc;
+}
+
+// y = x @ W.T for x (M, K) float or bf16 (other dtypes go through float), W in one of the layouts above with
+// `block_bytes` bytes of codes per row block and group. Parallel over row blocks; each block's codes are read
+// from memory once and reused from cache for all M rows.
+template <typename Block, typename Out>
+void run_blocks(Block block, const Acts& a, const uint8_t* codes, const at::Half* d, const at::Half* z, int64_t M,
+                int64_t N, int64_t K, int64_t block_bytes, Out* y) {
+  const int64_t G = K / 32, blocks = N / 16;
+  // at least ~64 KB of weights per task, so that small layers do not pay for a second thread
+  const int64_t grain = std::max<int64_t>(1, 65536 / (G * block_bytes) / std::max<int64_t>(1, M));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t rb = b0; rb < b1; ++rb) {
+      const uint8_t* c = codes + rb * G * block_bytes;
+      const at::Half* dd = d + rb * G * 16;
+      const at::Half* zz = z ? z + rb * G * 16 : nullptr;
+      for (int64_t m = 0; m < M; ++m) {
+        const __m512 acc = block(c, dd, zz, a.xq.data() + m * K, a.scale.data() + m * G, a.sum_q.data() + m * G,
+                                 a.sum_x.data() + m * G, G);
+        store16(y + m * N + rb * 16, acc);
       }
-      // sum (q - 8) xq = sum q xq - 8 sum xq, exactly: centred codes halve the activation rounding error
-      isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(8 * a.sum_q[g]));
-      const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dd + g * 16)));
-      const __m512 zv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zz + g * 16)));
-      acc = _mm512_fmadd_ps(_mm512_mul_ps(dv, _mm512_set1_ps(a.scale[g])), _mm512_cvtepi32_ps(isum), acc);
-      acc = _mm512_fmadd_ps(zv, _mm512_set1_ps(a.sum_x[g]), acc);
     }
-    store16(y + rb * 16, acc);
-  }
+  });
 }
 
-// q8: codes [N/16][G][8][64] bytes (w + 128), d [N/16][G][16] fp16 (llama.cpp's Q8_0: w = d * code).
-template <typename Out>
-void q8_rows(const QuantRow& a, const uint8_t* codes, const at::Half* d, int64_t G, int64_t rb0, int64_t rb1,
-             Out* y) {
-  for (int64_t rb = rb0; rb < rb1; ++rb) {
-    __m512 acc = _mm512_setzero_ps();
-    const uint8_t* c = codes + rb * G * 512;
-    const uint16_t* dd = reinterpret_cast<const uint16_t*>(d) + rb * G * 16;
-    for (int64_t g = 0; g < G; ++g, c += 512) {
-      const int8_t* xq = a.xq.data() + g * 32;
-      __m512i isum = _mm512_setzero_si512();
-      for (int j = 0; j < 8; ++j)
-        isum = _mm512_dpbusd_epi32(isum, _mm512_loadu_si512(c + j * 64), bcast4(xq + 4 * j));
-      isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(128 * a.sum_q[g]));  // the +128 of the stored codes
-      const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dd + g * 16)));
-      acc = _mm512_fmadd_ps(_mm512_mul_ps(dv, _mm512_set1_ps(a.scale[g])), _mm512_cvtepi32_ps(isum), acc);
-    }
-    store16(y + rb * 16, acc);
-  }
-}
-
-// y = x @ W.T for x (M, K) float or bf16 (other dtypes go through float); rows(a, G, b0, b1, out) computes
-// output row blocks b0..b1-1 of one activation row into out (float* or BFloat16*).
-template <typename RowFn>
-at::Tensor run(const at::Tensor& x_in, int64_t N, RowFn rows) {
+template <typename Block>
+at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& d, const at::Tensor* z,
+                  int64_t N, int64_t block_bytes, Block block) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) % 32 == 0 && N % 16 == 0, "smollm2 vnni kernel: bad shapes");
+  TORCH_CHECK(codes.is_contiguous() && d.is_contiguous() && (!z || z->is_contiguous()), "contiguous weights");
+  TORCH_CHECK(codes.numel() == N * x_in.size(1) / 32 * (block_bytes / 16), "codes do not match the shapes");
   const bool bf16 = x_in.scalar_type() == at::kBFloat16;
   const at::Tensor x = bf16 ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
-  const int64_t M = x.size(0), K = x.size(1), G = K / 32, blocks = N / 16;
+  const int64_t M = x.size(0), K = x.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
-  // Reused between calls (no allocation per call). The lambdas below must capture the reference `a`: naming
-  // the thread_local itself in them would give each worker thread its own, empty, copy.
-  static thread_local QuantRow storage;
-  QuantRow& a = storage;
-  // grain: at least ~64 KB of weights per task, so that small layers do not pay for a second thread
-  const int64_t grain = std::max<int64_t>(1, 65536 / (G * 256));
-  for (int64_t i = 0; i < M; ++i) {
-    if (bf16) {
-      quantize_row(x.data_ptr<at::BFloat16>() + i * K, K, a);
-      at::BFloat16* yi = y.data_ptr<at::BFloat16>() + i * N;
-      at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { rows(a, G, b0, b1, yi); });
-    } else {
-      quantize_row(x.data_ptr<float>() + i * K, K, a);
-      float* yi = y.data_ptr<float>() + i * N;
-      at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { rows(a, G, b0, b1, yi); });
-    }
+  // Reused between calls (no allocation per call). The lambdas capture the reference `a`: naming the
+  // thread_local itself in them would give each worker thread its own, empty, copy.
+  static thread_local Acts storage;
+  Acts& a = storage;
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const at::Half* dp = d.data_ptr<at::Half>();
+  const at::Half* zp = z ? z->data_ptr<at::Half>() : nullptr;
+  if (bf16) {
+    quantize_rows(x.data_ptr<at::BFloat16>(), M, K, a);
+    run_blocks(block, a, c, dp, zp, M, N, K, block_bytes, y.data_ptr<at::BFloat16>());
+  } else {
+    quantize_rows(x.data_ptr<float>(), M, K, a);
+    run_blocks(block, a, c, dp, zp, M, N, K, block_bytes, y.data_ptr<float>());
   }
   return (bf16 || x_in.scalar_type() == at::kFloat) ? y : y.to(x_in.scalar_type());
 }
 
 at::Tensor q4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& d, const at::Tensor& z,
                  int64_t N) {
-  TORCH_CHECK(codes.is_contiguous() && d.is_contiguous() && z.is_contiguous(), "q4_mm: contiguous weights");
-  TORCH_CHECK(codes.numel() * 2 == N * x.size(1), "q4_mm: codes do not match the shapes");
-  const uint8_t* c = codes.data_ptr<uint8_t>();
-  const at::Half* dp = d.data_ptr<at::Half>();
-  const at::Half* zp = z.data_ptr<at::Half>();
-  return run(x, N, [&](const QuantRow& a, int64_t G, int64_t b0, int64_t b1, auto* y) {
-    q4_rows(a, c, dp, zp, G, b0, b1, y);
-  });
+  return matmul(x, codes, d, &z, N, 256, q4_block);
 }
 
 at::Tensor q8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& d, int64_t N) {
-  TORCH_CHECK(codes.is_contiguous() && d.is_contiguous(), "q8_mm: contiguous weights");
-  TORCH_CHECK(codes.numel() == N * x.size(1), "q8_mm: codes do not match the shapes");
-  const uint8_t* c = codes.data_ptr<uint8_t>();
-  const at::Half* dp = d.data_ptr<at::Half>();
-  return run(x, N, [&](const QuantRow& a, int64_t G, int64_t b0, int64_t b1, auto* y) {
-    q8_rows(a, c, dp, G, b0, b1, y);
-  });
+  return matmul(x, codes, d, nullptr, N, 512, q8_block);
 }
 
 }  // namespace
