@@ -3,7 +3,8 @@
 Loads the bundled SmolLM2-135M-Instruct weights and serves the chat page (`/`) and the OpenAI-compatible API
 (`/v1`) with smollm2/serve.py. On a Space (where the SPACE_ID environment variable is set) it binds
 0.0.0.0:7860, the address and port a Space exposes; anywhere else it binds 127.0.0.1:7860, so running it on a
-laptop does not open it to the network. HOST, PORT and SMOLLM2_API_KEY override the defaults.
+laptop does not open it to the network. HOST, PORT, SMOLLM2_API_KEY and SMOLLM2_QUANTIZE (none, bf16, int8,
+int4: default int4) override the defaults.
 
 The page is FastAPI, not Gradio, so the Space uses the Docker SDK. Its README.md front matter:
 
@@ -38,9 +39,10 @@ def bind_address(environ: Mapping[str, str] = os.environ) -> tuple[str, int]:
 
 def main() -> None:
     import smollm2
+    from smollm2.quantize import DEFAULT_MODE
     from smollm2.serve import create_app, run_server
 
-    model, tokenizer = smollm2.load()
+    model, tokenizer = smollm2.load(quantize=os.environ.get("SMOLLM2_QUANTIZE", DEFAULT_MODE))
     app = create_app(model.eval(), tokenizer, api_key=os.environ.get("SMOLLM2_API_KEY") or None)
     host, port = bind_address()
     print(f"SmolLM2 chat on http://{host}:{port}/", flush=True)

@@ -95,9 +95,9 @@ def score_groups(model: SmolLM2, groups: Sequence[Sequence[Request]], pad_id: in
     G, R = len(groups), len(rows)
     # The prefix every group shares (the chat template's system turn and user header): run once, for all.
     C = _common_prefix([group[0][0][: prefix_lens[g]] for g, group in enumerate(groups)])
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     group_of_row = torch.tensor([g for g, _, _ in rows], device=device)
-    cache = KVCache(model.config, 1, P + S, model.lm_head.weight.dtype, device)
+    cache = KVCache(model.config, 1, P + S, model.model.embed_tokens.weight.dtype, device)
     # Three passes, each attending to the cache the ones before it filled; their hidden states are
     # flattened into one (positions, hidden) tensor: shared (C), then per group (G x (P - C)), then per row (R x S).
     hiddens = []

@@ -103,12 +103,24 @@ def load(
     source: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    quantize: str = "none",
 ) -> tuple[SmolLM2, Tokenizer]:
-    """Load a SmolLM2 model and its tokenizer. With no source: the real SmolLM2-135M-Instruct weights."""
+    """Load a SmolLM2 model and its tokenizer. With no source: the real SmolLM2-135M-Instruct weights.
+
+    quantize: "none" (dtype as given), "bf16", or "int8" / "int4" weight-only on the CPU, for inference
+    (see quantize.py for what each costs). The mode is checked before anything is read.
+    """
+    from .quantize import check_mode, quantize_model
     from .weights import build_model
 
+    check_mode(quantize)
+    if quantize in ("int8", "int4") and torch.device(device).type != "cpu":
+        raise ValueError(f"quantize={quantize!r} runs on the CPU only; use 'bf16' on {device}")
     config, state_dict, tokenizer = load_weights(source)
     name = str(source) if source is not None else BUNDLED_FILE
     model = build_model(config, state_dict, name, dtype=dtype, device=device)
+    del state_dict  # the float copy: quantising below would otherwise hold both
     model.source = name
+    if quantize != "none":
+        quantize_model(model.eval(), quantize)
     return model, tokenizer

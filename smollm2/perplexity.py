@@ -93,7 +93,7 @@ def perplexity(
     if seq_len > max_positions:
         raise ValueError(f"seq_len {seq_len} is longer than the model's {max_positions} positions")
     wins = windows(n, seq_len, stride)
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     vocab = model.config.vocab_size
 
     from tqdm import tqdm

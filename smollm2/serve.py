@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Engine, Job, QueueFull
-from .generate import GenerationConfig
+from .generate import GenerationConfig, StepFn, decode_step
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
@@ -439,8 +439,10 @@ def create_app(
     model_name: str | None = None,
     context_length: int | None = None,
     engine: Engine | None = None,
+    step: StepFn = decode_step,
 ) -> "FastAPI":
     """The FastAPI app. The engine (built here unless given) starts and stops with the app's lifespan.
+    step: the engine's decode step (`generate.decode_step`, or a compiled `fast.FastDecoder`).
 
     max_concurrency requests are generated together and max_queue more may wait; beyond that, 429.
     """
@@ -454,7 +456,7 @@ def create_app(
     if api_key is not None and not api_key:
         raise ValueError("api_key must be a non-empty string (or None for no key)")
     engine = engine or Engine(model, tokenizer, max_batch=max_concurrency, max_queue=max_queue,
-                              context_length=context_length)
+                              context_length=context_length, step=step)
     name = model_name or default_model_name(model)
     created = int(time.time())
     vocab_size = model.config.vocab_size

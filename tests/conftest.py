@@ -52,6 +52,14 @@ def real():
 
 
 @pytest.fixture(scope="session")
+def real_int4():
+    """(model, tokenizer): the same weights in the CLI's default mode, int4 (smollm2.quantize.DEFAULT_MODE)."""
+    import smollm2
+
+    return smollm2.load(quantize="int4")
+
+
+@pytest.fixture(scope="session")
 def hf_real(bundled_gguf_path: Path):
     """transformers' LlamaForCausalLM loaded from the same GGUF file (the reference), fp32."""
     transformers = pytest.importorskip("transformers")

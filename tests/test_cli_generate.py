@@ -1,7 +1,8 @@
 """`smollm2 generate` and `smollm2 chat` run as real processes on the real weights.
 
 Each output is compared with what the library gives for the same options (greedy, or sampled with a seed), so
-the test checks the wiring of every flag, not just that something was printed.
+the test checks the wiring of every flag, not just that something was printed. The CLI's default weights are
+int4 (`real_int4`); `--quantize none` gives the exact float model (`real`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import pytest
 
 from smollm2.generate import chat, stream_text
 
-STATS = re.compile(r"^\[(\d+) prompt tokens, (\d+) new tokens, ([\d.]+) tokens/s, finish: (stop|length)\]$")
+STATS = re.compile(r"^\[(\d+) prompt tokens, (\d+) new tokens, ([\d.]+) tokens/s(?:, compiled in [\d.]+ s)?, "
+                   r"finish: (stop|length)\]$")
 ENV = {**os.environ, "PYTHONIOENCODING": "utf-8", "HF_HUB_OFFLINE": "1"}
 
 
@@ -36,8 +38,8 @@ def test_bad_options_are_one_line_errors() -> None:
 
 
 @pytest.mark.slow
-def test_generate_streams_the_continuation_and_trims_stop_strings(real) -> None:
-    model, tokenizer = real
+def test_generate_streams_the_continuation_and_trims_stop_strings(real_int4) -> None:
+    model, tokenizer = real_int4  # the default --quantize
     full = "".join(stream_text(model, tokenizer, "Gravity is", max_new_tokens=24))
     stop = full.split()[len(full.split()) // 2]  # a word from the middle of the greedy continuation
     expected = stream_text(model, tokenizer, "Gravity is", max_new_tokens=24, stop=[stop])
@@ -63,7 +65,7 @@ def test_generate_chat_mode_with_sampling_flags(real) -> None:
     text = "".join(expected)
     result = smollm2("generate", "Name a fruit.", "--chat", "--system", "Answer briefly.", "--max-new-tokens", "16",
                      "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--min-p", "0.05",
-                     "--repetition-penalty", "1.1", "--seed", "7")
+                     "--repetition-penalty", "1.1", "--seed", "7", "--quantize", "none")
     assert result.returncode == 0, result.stderr
     assert result.stdout == text + "\n"
     stats = STATS.match(result.stderr.strip().splitlines()[-1])
@@ -71,8 +73,21 @@ def test_generate_chat_mode_with_sampling_flags(real) -> None:
 
 
 @pytest.mark.slow
-def test_chat_repl_through_a_pipe(real) -> None:
-    model, tokenizer = real
+def test_generate_compiled_step_gives_the_library_tokens(real_int4) -> None:
+    """--compile decodes with the compiled step (fast.FastDecoder): the same greedy text, and the line of
+    counts says how long compiling took."""
+    model, tokenizer = real_int4
+    text = "".join(stream_text(model, tokenizer, "The capital of France is", max_new_tokens=12))
+    result = smollm2("generate", "The capital of France is", "--max-new-tokens", "12", "--compile")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == text + "\n"
+    last = result.stderr.strip().splitlines()[-1]
+    assert STATS.match(last) and ", compiled in " in last, result.stderr
+
+
+@pytest.mark.slow
+def test_chat_repl_through_a_pipe(real_int4) -> None:
+    model, tokenizer = real_int4  # the default --quantize
     n = 20
 
     def reply(messages: list[dict[str, str]]) -> str:
@@ -96,7 +111,8 @@ def test_chat_repl_through_a_pipe(real) -> None:
 def test_ctrl_c_stops_a_reply_without_leaving(real) -> None:
     model, tokenizer = real
     story = "Write a long story about a dragon who learns to fly."
-    process = subprocess.Popen([sys.executable, "-m", "smollm2", "chat", "--max-new-tokens", "200"],
+    process = subprocess.Popen([sys.executable, "-m", "smollm2", "chat", "--max-new-tokens", "200",
+                                "--quantize", "none"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     try:
         process.stdin.write(story.encode() + b"\n")

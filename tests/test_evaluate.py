@@ -226,6 +226,17 @@ def test_cli_end_to_end_on_a_tiny_model(tiny_instruct: Path, tmp_path: Path, cap
     for p, e in zip(report["predictions"]["piqa"], expected, strict=True):
         assert p["logprobs"] == pytest.approx(e, abs=1e-4, rel=0)
 
+    # --quantize int8: the same items scored by the int8 model, as the library's int8 model scores them.
+    rc = cli.main(["evaluate", "--tasks", "piqa", "--source", str(tiny_instruct), "--data-dir", str(data),
+                   "--json", str(out), "--no-chat-template", "--limit", "2", "--quantize", "int8"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["quantize"] == "int8"
+    int8_model, _ = load(tiny_instruct, quantize="int8")
+    expected = [_plain_scores(int8_model, encode_item(item, tokenizer, chat_template=False)) for item in items]
+    for p, e in zip(report["predictions"]["piqa"], expected, strict=True):
+        assert p["logprobs"] == pytest.approx(e, abs=2e-2, rel=0)  # bf16 activations: batched vs one by one
+
 
 def _cli_error(argv: list[str], capsys) -> str:
     rc = cli.main(["evaluate", *argv])

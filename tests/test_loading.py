@@ -6,6 +6,7 @@ import importlib.metadata
 from pathlib import Path
 
 import pytest
+import torch
 
 import smollm2
 from smollm2 import loading
@@ -82,3 +83,54 @@ def test_resolve_kinds(bundled_gguf_path: Path, tmp_path: Path) -> None:
     assert loading.resolve(None) == ("gguf", bundled_gguf_path)
     assert loading.resolve(str(bundled_gguf_path)) == ("gguf", bundled_gguf_path)
     assert loading.resolve(tmp_path) == ("dir", tmp_path)
+
+
+def test_load_quantize_modes(tmp_path: Path, tiny_config) -> None:
+    """load(quantize=...) returns the model quantised in place; the float weights are the same as load()'s."""
+    import shutil
+
+    from conftest import SHARED_DATA, require
+    from smollm2.model import SmolLM2
+    from smollm2.quantize import QUANTIZED
+    from smollm2.weights import save_pretrained
+
+    model = SmolLM2(tiny_config)
+    model.init_weights()
+    save_pretrained(model, tmp_path, tokenizer=None)
+    shutil.copy(require(SHARED_DATA / "smollm2-135m" / "tokenizer.json"), tmp_path)
+    plain, _ = smollm2.load(tmp_path)
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        reference = plain(ids)
+    for mode, tolerance in (("bf16", 0.1), ("int8", 0.1), ("int4", 0.5)):  # logits of size ~1
+        quantized, _ = smollm2.load(tmp_path, quantize=mode)
+        assert quantized.quantize_mode == mode
+        assert any(isinstance(m, QUANTIZED) for m in quantized.modules()) == (mode != "bf16")
+        assert not any(p.requires_grad for p in quantized.parameters())
+        with torch.no_grad():
+            logits = quantized(ids).float()
+        assert (logits - reference).abs().max() < tolerance, mode  # near the float model, not equal to it
+
+
+def test_load_quantize_errors_come_before_loading(monkeypatch) -> None:
+    def never(source):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(loading, "load_weights", never)
+    with pytest.raises(ValueError, match="unknown quantize mode 'int3'; choose one of none, bf16, int8, int4"):
+        smollm2.load(quantize="int3")
+    with pytest.raises(ValueError, match="runs on the CPU only; use 'bf16' on cuda"):
+        smollm2.load(quantize="int4", device="cuda")
+
+
+def test_int4_needs_widths_divisible_by_its_group(tiny_config) -> None:
+    import dataclasses
+
+    from smollm2.model import SmolLM2
+    from smollm2.quantize import quantize_model
+
+    model = SmolLM2(dataclasses.replace(tiny_config, intermediate_size=80))
+    model.init_weights()
+    with pytest.raises(ValueError, match=r"groups of 32 inputs, which do not divide this model's layer widths \[80\]"):
+        quantize_model(model, "int4")
+    quantize_model(model, "int8")  # int8 falls back to one scale per output channel where groups do not fit

@@ -547,9 +547,35 @@ def test_engine_cache_compacts_and_grows(tiny):
     assert engine._cache.batch_size == 2
 
 
+def test_engine_with_the_compiled_step(tiny):
+    """`smollm2 serve --compile`: the engine decodes with fast.FastDecoder (rows joining and leaving, the cache
+    shifted and grown) and every request still gets the tokens generate() gives it alone."""
+    from smollm2.fast import FastDecoder
+
+    model, tokenizer = tiny
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 1000) for _ in range(rng.randrange(1, 150))] for _ in range(5)]
+    lengths = [rng.randrange(1, 100) for _ in prompts]
+    alone = [list(generate(model, p, tokenizer=tokenizer, max_new_tokens=n))
+             for p, n in zip(prompts, lengths, strict=True)]
+    step = FastDecoder(model, compile=True)
+    engine = Engine(model, tokenizer, max_batch=2, max_queue=8, prefill_chunk=64, context_length=300, step=step)
+    engine.start()
+    try:
+        jobs = [engine.submit(p, GenerationConfig(max_new_tokens=n), lambda kind, value: None)
+                for p, n in zip(prompts, lengths, strict=True)]
+        wait_until(lambda: all(job.done for job in jobs), timeout=300)
+    finally:
+        engine.shutdown()
+    assert step.compile_seconds is not None  # it really ran the compiled step
+    assert [job.new_ids for job in jobs] == alone
+
+
 def test_serve_cli_defaults():
     from smollm2.cli import build_parser
+    from smollm2.quantize import DEFAULT_MODE
 
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.source) == ("127.0.0.1", 8000, None)
     assert args.max_concurrency >= 1 and args.max_queue >= 0
+    assert (args.quantize, args.compile) == (DEFAULT_MODE, False) == ("int4", False)

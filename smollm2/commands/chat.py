@@ -11,22 +11,27 @@ import argparse
 import sys
 
 from ..generate import chat
-from .generate import add_generation_options, add_source_argument, generation_config
+from .generate import (
+    add_generation_options,
+    add_source_argument,
+    add_speed_options,
+    generation_config,
+    load_for_inference,
+)
 
 HELP = "/reset: start over · /system TEXT: set the system prompt · /exit: leave · Ctrl-C: stop a reply"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_source_argument(parser)
+    add_speed_options(parser)
     parser.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
     add_generation_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..loading import load
-
     config = generation_config(args)
-    model, tokenizer = load(args.source)
+    model, tokenizer, step = load_for_inference(args)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
@@ -63,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": text})
         messages = ([{"role": "system", "content": system}] if system is not None else []) + history
         try:
-            stream = chat(model, tokenizer, messages, config=config)
+            stream = chat(model, tokenizer, messages, config=config, step=step)
         except ValueError as e:  # e.g. the conversation no longer fits the context: keep the REPL alive
             history.pop()
             print(f"error: {e} (/reset starts over)", file=sys.stderr)

@@ -16,6 +16,7 @@ import torch
 
 from ..data import encode_file, load_tokens, read_manifest, tokenizer_sha256
 from ..perplexity import perplexity
+from ..quantize import MODES
 
 log = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -36,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="(default: %(default)s)")
+    parser.add_argument("--quantize", choices=MODES, default="none",
+                        help="weights: none (default), bf16, int8 or int4 (weight-only, CPU): what each mode costs")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available, else cpu)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if not data.exists():
         raise ValueError(f"--data {data}: no such file or directory")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load(args.source, dtype=_DTYPES[args.dtype], device=device)
+    model, tokenizer = load(args.source, dtype=_DTYPES[args.dtype], device=device, quantize=args.quantize)
     if data.is_dir():
         manifest = read_manifest(data)
         if manifest["tokenizer"].get("sha256") != tokenizer_sha256(tokenizer):
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     stride = args.stride or args.seq_len
     if args.json:
         print(json.dumps({"data": str(data), "source": getattr(model, "source", args.source), "nll": result.nll,
-                          "ppl": result.ppl, "tokens": result.tokens, "seq_len": args.seq_len, "stride": stride}))
+                          "ppl": result.ppl, "quantize": args.quantize, "tokens": result.tokens,
+                          "seq_len": args.seq_len, "stride": stride}))
     else:
         print(f"perplexity {result.ppl:.4f}  (loss {result.nll:.4f} nats/token over {result.tokens:,} predicted "
               f"tokens; windows of {args.seq_len}, stride {stride})")

@@ -19,6 +19,7 @@ import torch
 
 from ..eval_tasks import CARD_ROWS, TASKS, Item, accuracy, default_data_dir, load_task, model_card_scores
 from ..evaluate import ItemResult, default_chat_template, score_items
+from ..quantize import MODES
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -41,14 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="items per forward pass (default: 8)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
                         help="compute dtype (default: float32, what the numbers in notes/eval_results.md used)")
-    # A --quantize flag belongs here: parse it, then quantise the model in `_load_model` (one place).
+    parser.add_argument("--quantize", choices=MODES, default="none",
+                        help="weights: none (default: the exact model), bf16, int8 or int4 (weight-only, CPU)")
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """(model, tokenizer, name): the one place where the model is built (and later quantised)."""
     from ..loading import BUNDLED_FILE, load
 
-    model, tokenizer = load(args.source, dtype=_DTYPES[args.dtype])
+    model, tokenizer = load(args.source, dtype=_DTYPES[args.dtype], quantize=args.quantize)
     return model.eval(), tokenizer, str(args.source) if args.source is not None else BUNDLED_FILE
 
 
@@ -163,10 +165,12 @@ def run(args: argparse.Namespace) -> int:
 
     summary = _summary(task_results, seconds)
     card_rows = _card_rows(summary)
-    config = {"source": model_name, "dtype": args.dtype, "chat_template": chat_template, "limit": args.limit,
+    config = {"source": model_name, "dtype": args.dtype, "quantize": args.quantize, "chat_template": chat_template,
+              "limit": args.limit,
               "data_dir": str(data_dir), "batch_size": args.batch_size, "torch": torch.__version__,
               "seconds": round(sum(seconds.values()), 1)}
-    caption = (f"{model_name}, {args.dtype}, chat template {'on' if chat_template else 'off'}, "
+    quantized = "" if args.quantize == "none" else f", quantize {args.quantize}"
+    caption = (f"{model_name}, {args.dtype}{quantized}, chat template {'on' if chat_template else 'off'}, "
                f"{config['seconds']:.0f} s")
     _print_table(summary, card_rows, caption)
     if args.json_path is not None:

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import TYPE_CHECKING
 
 from ..engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
-
-if TYPE_CHECKING:
-    from ..model import SmolLM2
+from .generate import add_speed_options, load_for_inference
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,17 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest prompt + completion accepted (default: the model's)")
     parser.add_argument("--model-name", default=None,
                         help="the model id clients send and /v1/models lists (default: from the source)")
-    # --quantize goes here (and is applied in prepare_model below), with the quantisation work.
-
-
-def prepare_model(model: SmolLM2, args: argparse.Namespace) -> SmolLM2:
-    """Turn the loaded model into the one to serve: the place for --quantize. (A compiled decode step would
-    go to the server as create_app(..., engine=Engine(model, tokenizer, step=...)).)"""
-    return model.eval()
+    add_speed_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..loading import load
     from ..serve import create_app, run_server
 
     if not 0 <= args.port <= 65535:
@@ -56,10 +46,10 @@ def run(args: argparse.Namespace) -> int:
     for flag, value, minimum in (("--max-concurrency", args.max_concurrency, 1), ("--max-queue", args.max_queue, 0)):
         if value < minimum:
             raise ValueError(f"{flag} must be at least {minimum}, got {value}")
-    model, tokenizer = load(args.source)
-    model = prepare_model(model, args)
+    model, tokenizer, step = load_for_inference(args)
     app = create_app(model, tokenizer, api_key=args.api_key, max_concurrency=args.max_concurrency,
-                     max_queue=args.max_queue, model_name=args.model_name, context_length=args.context_length)
+                     max_queue=args.max_queue, model_name=args.model_name, context_length=args.context_length,
+                     step=step)
     print(f"smollm2 serve: http://{args.host}:{args.port}/ (chat page), http://{args.host}:{args.port}/v1 (API)",
           flush=True)
     run_server(app, args.host, args.port)
