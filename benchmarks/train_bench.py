@@ -133,10 +133,11 @@ def run_config(name: str, steps: int, warmup: int) -> dict:
         t = time.perf_counter()
         losses.append(step(runner))
         times.append(time.perf_counter() - t)
+    peak_timed = peak_rss_mb() if steady else peak_with_warmup
     return {
         "config": name, "tokens_per_step": BATCH * SEQ,
         "tok_s": BATCH * SEQ / statistics.median(times), "step_s": times, "first_step_s": first_step_s,
-        "peak_rss_mb": peak_rss_mb() if steady else peak_with_warmup, "peak_rss_with_warmup_mb": peak_with_warmup,
+        "peak_rss_mb": peak_timed, "peak_rss_with_warmup_mb": max(peak_with_warmup, peak_timed),
         "losses": losses,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
     }

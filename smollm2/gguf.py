@@ -53,9 +53,28 @@ def is_gguf(path: str | Path) -> bool:
         return False
 
 
+def _reader_class():  # -> a gguf.GGUFReader subclass
+    import gguf
+    import numpy as np
+
+    class Reader(gguf.GGUFReader):
+        """gguf's reader over a plain ndarray view of its memory map: same bytes, still mapped, but slicing a
+        np.memmap costs a Python-level __array_finalize__ per slice, and parsing 49152 token strings takes
+        ~800k slices (3.5 s against 1 s)."""
+
+        @property
+        def data(self) -> np.ndarray:
+            return self._data
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return Reader
+
+
 def read_gguf(path: str | Path):  # -> gguf.GGUFReader
     """Open a GGUF file after checking its header, turning the reader's low-level failures into ValueErrors."""
-    import gguf
 
     path = Path(path)
     try:
@@ -76,7 +95,7 @@ def read_gguf(path: str | Path):  # -> gguf.GGUFReader
             f"{path}: corrupt GGUF header: {n_tensors} tensors and {n_kv} metadata entries cannot fit in {size} bytes"
         )
     try:
-        return gguf.GGUFReader(str(path))
+        return _reader_class()(str(path))
     except (IndexError, ValueError, KeyError, struct.error, OverflowError, MemoryError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
 
