@@ -235,7 +235,7 @@ def test_cli_end_to_end_on_a_tiny_model(tiny_instruct: Path, tmp_path: Path, cap
     int8_model, _ = load(tiny_instruct, quantize="int8")
     expected = [_plain_scores(int8_model, encode_item(item, tokenizer, chat_template=False)) for item in items]
     for p, e in zip(report["predictions"]["piqa"], expected, strict=True):
-        assert p["logprobs"] == pytest.approx(e, abs=2e-2, rel=0)  # bf16 activations: batched vs one by one
+        assert p["logprobs"] == pytest.approx(e, abs=2e-2, rel=1e-3)  # bf16 activations: batched vs one by one
 
 
 def _cli_error(argv: list[str], capsys) -> str:
