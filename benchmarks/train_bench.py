@@ -12,6 +12,8 @@ clipping at 1.0. One step = forward, loss, backward, clip, optimizer step, zero 
   hf    LlamaForCausalLM(input_ids, labels=...).loss, transformers' standard path (full logits).
 Dtypes: fp32 eager; bf16 = torch.autocast(bfloat16) around forward and loss (weights and optimizer fp32);
 compiled = torch.compile of the module (the first step compiles and is excluded from the timing).
+--device cuda runs the same steps on a GPU and adds its peak allocated memory and MFU (model FLOPs per token,
+6 x parameters + attention, times tokens/s, over the GPU's datasheet peak for the dtype: smollm2.bench).
 
 Each configuration runs in a fresh process, so its peak RSS (VmHWM: weights, gradients, optimizer state,
 activations, plus ~0.4 GB of Python and torch) is its own; it is counted over the timed steps (the count is
@@ -44,7 +46,7 @@ def _batch(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (BATCH, SEQ + 1), generator=generator)  # inputs and next-token targets
 
 
-def _ours(bf16: bool, ckpt: bool = False):
+def _ours(bf16: bool, device: torch.device, ckpt: bool = False):
     """(module, step function) for our model and loss. ckpt: activation checkpointing per block (each block
     keeps only its input for the backward pass and recomputes the rest: less memory, one more forward)."""
     from smollm2.config import preset
@@ -52,7 +54,7 @@ def _ours(bf16: bool, ckpt: bool = False):
     from smollm2.train.config import TrainConfig
     from smollm2.train.loop import LossModel, make_optimizer
 
-    model = SmolLM2(preset("135m"))
+    model = SmolLM2(preset("135m")).to(device)
     model.init_weights()
     if ckpt:
         from torch.utils.checkpoint import checkpoint
@@ -61,12 +63,12 @@ def _ours(bf16: bool, ckpt: bool = False):
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     core = LossModel(model, torch.bfloat16 if bf16 else torch.float32)
     config = TrainConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WEIGHT_DECAY)
-    optimizer = make_optimizer(core, config, torch.device("cpu"))
-    tokens = _batch(model.config.vocab_size)
+    optimizer = make_optimizer(core, config, device)
+    tokens = _batch(model.config.vocab_size).to(device)
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def step(module: torch.nn.Module) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = module(x, y) / y.numel()  # LossModel returns the summed cross-entropy
         loss.backward()
         torch.nn.utils.clip_grad_norm_(core.parameters(), CLIP)
@@ -77,7 +79,7 @@ def _ours(bf16: bool, ckpt: bool = False):
     return core, step
 
 
-def _hf(bf16: bool):
+def _hf(bf16: bool, device: torch.device):
     """(module, step function) for transformers' LlamaForCausalLM with the same architecture."""
     import transformers
 
@@ -91,14 +93,14 @@ def _hf(bf16: bool):
         rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
         initializer_range=c.initializer_range, attn_implementation="sdpa",
     )
-    model = transformers.LlamaForCausalLM(config).train()
+    model = transformers.LlamaForCausalLM(config).to(device).train()
     assert model.config.num_key_value_heads == c.num_key_value_heads and model.config.tie_word_embeddings
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True)
-    tokens = _batch(c.vocab_size)
+    tokens = _batch(c.vocab_size).to(device)
     x = tokens[:, :-1]
 
     def step(module: torch.nn.Module) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = module(input_ids=x, labels=x).loss  # transformers shifts the labels itself
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
@@ -109,17 +111,18 @@ def _hf(bf16: bool):
     return model, step
 
 
-def run_config(name: str, steps: int, warmup: int) -> dict:
-    from smollm2.bench import peak_rss_mb, reset_peak_rss
+def run_config(name: str, steps: int, warmup: int, device: torch.device) -> dict:
+    from smollm2.bench import gpu_peak_tflops, peak_rss_mb, reset_peak_rss, train_flops_per_token
+    from smollm2.config import preset
 
     if name not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
     torch.manual_seed(0)
     side, dtype, *options = name.split("-")
     if side == "ours":
-        module, step = _ours(bf16=dtype == "bf16", ckpt="ckpt" in options)
+        module, step = _ours(bf16=dtype == "bf16", device=device, ckpt="ckpt" in options)
     else:
-        module, step = _hf(bf16=dtype == "bf16")
+        module, step = _hf(bf16=dtype == "bf16", device=device)
     runner = torch.compile(module) if "compiled" in options else module
     t = time.perf_counter()
     losses = [step(runner)]
@@ -128,19 +131,29 @@ def run_config(name: str, steps: int, warmup: int) -> dict:
         losses.append(step(runner))
     peak_with_warmup = peak_rss_mb()
     steady = reset_peak_rss()  # the timed steps' own peak, without compilation's
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         losses.append(step(runner))
         times.append(time.perf_counter() - t)
     peak_timed = peak_rss_mb() if steady else peak_with_warmup
-    return {
-        "config": name, "tokens_per_step": BATCH * SEQ,
-        "tok_s": BATCH * SEQ / statistics.median(times), "step_s": times, "first_step_s": first_step_s,
+    tok_s = BATCH * SEQ / statistics.median(times)
+    result = {
+        "config": name, "device": str(device), "tokens_per_step": BATCH * SEQ,
+        "tok_s": tok_s, "step_s": times, "first_step_s": first_step_s,
         "peak_rss_mb": peak_timed, "peak_rss_with_warmup_mb": max(peak_with_warmup, peak_timed),
         "losses": losses,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
+    if device.type == "cuda":  # the GPU's own memory, and model FLOPs utilisation against its datasheet peak
+        result["gpu"] = torch.cuda.get_device_name(device)
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        peak = gpu_peak_tflops(result["gpu"], "bf16" if dtype == "bf16" else "fp32")
+        flops = train_flops_per_token(preset("135m"), SEQ)
+        result["mfu"] = None if peak is None else tok_s * flops / (peak * 1e12)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,12 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first, >= 1 (default: %(default)s)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the result to FILE")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         raise SystemExit(f"--steps and --warmup must be >= 1, got {args.steps}, {args.warmup}")
     if args.worker:
-        print(json.dumps(run_config(args.worker, args.steps, args.warmup)))
+        print(json.dumps(run_config(args.worker, args.steps, args.warmup, torch.device(args.device))))
         return 0
 
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -165,20 +179,26 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for n in names:
         print(f"running {n} ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, "--worker", n, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd = [sys.executable, __file__, "--worker", n, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--device", args.device]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{n} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
             continue
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
 
-    print(f"training step, SmolLM2-135M config, batch {BATCH} x {SEQ} tokens, AdamW, "
-          f"{torch.get_num_threads()} threads, median of {args.steps} steps")
-    print(f"{'config':<22}{'tokens/s':>10}{'peak RSS MB':>13}{'first step s':>14}{'loss first->last':>20}")
+    gpu = args.device.startswith("cuda")
+    where = results[0]["gpu"] if gpu and results else f"{torch.get_num_threads()} threads"
+    print(f"training step, SmolLM2-135M config, batch {BATCH} x {SEQ} tokens, AdamW, {where}, "
+          f"median of {args.steps} steps")
+    memory = "peak GPU MB" if gpu else "peak RSS MB"
+    print(f"{'config':<24}{'tokens/s':>10}{memory:>13}{'first step s':>14}{'loss first->last':>20}"
+          + ("      MFU" if gpu else ""))
     for r in results:
-        print(f"{r['config']:<22}{r['tok_s']:>10.1f}{r['peak_rss_mb']:>13.0f}{r['first_step_s']:>14.1f}"
-              f"{r['losses'][0]:>11.3f} -> {r['losses'][-1]:.3f}")
-    report = {"batch": BATCH, "seq_len": SEQ, "steps": args.steps, "results": results}
+        mfu = f"{r['mfu']:>9.1%}" if r.get("mfu") is not None else ("        -" if gpu else "")
+        print(f"{r['config']:<24}{r['tok_s']:>10.1f}{r['peak_gpu_mb' if gpu else 'peak_rss_mb']:>13.0f}"
+              f"{r['first_step_s']:>14.1f}{r['losses'][0]:>11.3f} -> {r['losses'][-1]:.3f}{mfu}")
+    report = {"batch": BATCH, "seq_len": SEQ, "steps": args.steps, "device": args.device, "results": results}
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)

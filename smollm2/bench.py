@@ -53,6 +53,39 @@ PROMPT_TEXT = (
 )
 
 
+# Dense datasheet peaks in TFLOP/s (no sparsity) for MFU; fp32 without TF32, torch's default. First match wins.
+GPU_PEAK_TFLOPS = (("H100 PCIe", {"bf16": 756.0, "fp32": 51.0}), ("H100", {"bf16": 989.0, "fp32": 67.0}),
+                   ("H200", {"bf16": 989.0, "fp32": 67.0}), ("A100", {"bf16": 312.0, "fp32": 19.5}),
+                   ("L4", {"bf16": 121.0, "fp32": 30.3}))
+
+
+def gpu_peak_tflops(gpu_name: str, dtype: str) -> float | None:
+    """The datasheet peak of a GPU (by torch.cuda.get_device_name) for "bf16" or "fp32"; None if unknown."""
+    for key, peaks in GPU_PEAK_TFLOPS:
+        if key in gpu_name:
+            return peaks[dtype]
+    return None
+
+
+def _matmul_params(config) -> tuple[int, int]:  # (config: Config) -> (the blocks' weights, the output projection)
+    d, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
+    per_block = 2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size  # q, o; k, v; gate, up, down
+    return config.num_hidden_layers * per_block, d * config.vocab_size
+
+
+def train_flops_per_token(config, seq_len: int) -> int:
+    """Training FLOPs per token as in the PaLM paper's MFU: 6 x matmul weights + 12 x layers x width x seq_len."""
+    blocks, head = _matmul_params(config)
+    return 6 * (blocks + head) + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def prefill_flops_per_token(config, prompt_len: int) -> int:
+    """Forward FLOPs per prompt token: the blocks' matmuls and causal attention (on average over prompt_len / 2
+    keys, q.k and p.v); the output projection runs for the last position only."""
+    blocks, _ = _matmul_params(config)
+    return 2 * blocks + 2 * config.num_hidden_layers * config.hidden_size * prompt_len
+
+
 @dataclass
 class Result:
     """One configuration's measurements (medians over the repeats)."""
@@ -67,6 +100,7 @@ class Result:
     load_s: float
     compile_s: float
     tokens: list[int]  # the greedy new tokens (the same prompt for everyone)
+    prefill_flops_per_token: int | None = None  # set by our workers (the model's config), for MFU on a GPU
     weight_mb_per_token: float | None = None  # weights read by one decode step (ours only)
     decode_runs_tok_s: list[float] = field(default_factory=list)
     prefill_runs_tok_s: list[float] = field(default_factory=list)
@@ -207,8 +241,10 @@ def bench_ours(source: str | None, mode: str, prompt_len: int, new_tokens: int, 
     compile_s = max(0.0, first[2] - eager[2]) if compile else 0.0
     runs = [run_once() for _ in range(repeats)]
     name = {"none": "ours fp32"}.get(mode, f"ours {mode}") + ("" if compile else " (eager)")
-    return _result(name, mode, runs, prompt_len, new_tokens, load_s, compile_s, peak_load_mb,
-                   weight_bytes_per_token(model))
+    result = _result(name, mode, runs, prompt_len, new_tokens, load_s, compile_s, peak_load_mb,
+                     weight_bytes_per_token(model))
+    result.prefill_flops_per_token = prefill_flops_per_token(model.config, prompt_len)
+    return result
 
 
 def bench_transformers(source: str | None, dtype_name: str, prompt_len: int, new_tokens: int,
@@ -368,6 +404,8 @@ def run_bench(
     reference = next((r for r in results if r.name == "transformers fp32"),
                      next((r for r in results if r.mode == "none"), None))
     llama = next((r for r in results if r.mode == "gguf"), None)
+    flops = next((r.prefill_flops_per_token for r in results if r.prefill_flops_per_token), None)
+    gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else None
     rows = []
     for r in results:
         row = asdict(r)
@@ -379,6 +417,9 @@ def run_bench(
         if bandwidth and r.weight_mb_per_token:
             row["limit_tok_s"] = bandwidth * 1e3 / r.weight_mb_per_token
             row["fraction_of_limit"] = r.decode_tok_s / row["limit_tok_s"]
+        peak = gpu and gpu_peak_tflops(gpu, "bf16" if r.mode == "bf16" else "fp32")
+        if peak and flops:  # model FLOPs utilisation of the prefill (decode at batch 1 is bound by memory)
+            row["prefill_mfu"] = r.prefill_tok_s * flops / (peak * 1e12)
         rows.append(row)
     return {
         "machine": machine_info(),
@@ -425,6 +466,9 @@ def format_table(report: dict):  # -> rich.table.Table
         # "same tokens": how many leading greedy tokens equal the reference's (transformers fp32, else ours
         # fp32), then llama.cpp's when it ran
         table.add_column(col, justify="left" if col == "configuration" else "right", no_wrap=True)
+    mfu = any("prefill_mfu" in r for r in report["results"])
+    if mfu:
+        table.add_column("prefill MFU", justify="right", no_wrap=True)
     for r in report["results"]:
         limit = r.get("limit_tok_s")
         table.add_row(
@@ -433,6 +477,7 @@ def format_table(report: dict):  # -> rich.table.Table
             f"{r['weight_mb_per_token']:.0f}" if r.get("weight_mb_per_token") else "-",
             f"{limit:.0f}" if limit else "-", f"{r['fraction_of_limit']:.0%}" if limit else "-",
             " / ".join(f"{r[k]}" for k in ("same_tokens", "same_tokens_as_llama_cpp") if k in r) or "-",
+            *([f"{r['prefill_mfu']:.1%}" if "prefill_mfu" in r else "-"] if mfu else []),
         )
     return table
 

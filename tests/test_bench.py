@@ -70,3 +70,52 @@ def test_bench_rejects_unknown_modes(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(["bench", "--modes", "int3"])
     assert "unknown --modes value(s) int3" in capsys.readouterr().err
+
+
+def test_flops_per_token_counts_every_matmul() -> None:
+    """The 135M config: 30 blocks of q/k/v/o and gate/up/down, and the tied output projection."""
+    from smollm2.bench import prefill_flops_per_token, train_flops_per_token
+    from smollm2.config import preset
+
+    config = preset("135m")
+    blocks = 30 * (576 * 576 * 2 + 576 * 192 * 2 + 576 * 1536 * 3)  # q, o; k, v; gate, up, down
+    head = 576 * 49152
+    assert blocks + 576 * 49152 + 30 * 576 * 2 + 576 == 134_515_008  # + the (tied) embedding and the norms
+    assert train_flops_per_token(config, 256) == 6 * (blocks + head) + 12 * 30 * 576 * 256
+    assert prefill_flops_per_token(config, 512) == 2 * blocks + 2 * 30 * 576 * 512  # no output projection
+
+
+def test_gpu_peak_tflops() -> None:
+    from smollm2.bench import gpu_peak_tflops
+
+    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert gpu_peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert gpu_peak_tflops("NVIDIA H200", "fp32") == 67.0
+    assert gpu_peak_tflops("Some Other GPU", "bf16") is None
+
+
+def test_table_shows_prefill_mfu_on_a_gpu_report_only() -> None:
+    from rich.console import Console
+
+    from smollm2.bench import format_table
+
+    row = dict(name="ours bf16", mode="bf16", prefill_tok_s=50000.0, decode_tok_s=300.0, ttft_s=0.01, run_rss_mb=900,
+               peak_rss_mb=1400, load_s=3.0, compile_s=20.0, weight_mb_per_token=269.0, same_tokens=64)
+    report = dict(prompt_len=512, new_tokens=64, repeats=3, results=[row])
+
+    def render() -> str:
+        console = Console(width=300, record=True)
+        console.print(format_table(report))
+        return console.export_text()
+
+    assert "MFU" not in render()
+    row["prefill_mfu"] = 0.0123
+    text = render()
+    assert "prefill MFU" in text and "1.2%" in text
+
+
+def test_quantize_is_the_bench_modes_option() -> None:
+    from smollm2.cli import build_parser
+
+    assert build_parser().parse_args(["bench", "--quantize", "int4"]).modes == ("int4",)
+    assert build_parser().parse_args(["bench", "--modes", "none,bf16"]).modes == ("none", "bf16")
