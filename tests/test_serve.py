@@ -515,15 +515,33 @@ def test_engine_rejects_when_full(tiny):
                                                            lambda kind, value: None)
 
 
+def random_requests(model, tokenizer, seed: int, count: int, max_prompt: int, max_new: int):
+    """count random prompts and new-token counts, and the greedy tokens generate() gives each one alone."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, 1000) for _ in range(rng.randrange(1, max_prompt))] for _ in range(count)]
+    lengths = [rng.randrange(1, max_new) for _ in prompts]
+    alone = [list(generate(model, p, tokenizer=tokenizer, max_new_tokens=n))
+             for p, n in zip(prompts, lengths, strict=True)]
+    return prompts, lengths, alone
+
+
+def run_greedy(engine: Engine, prompts: list[list[int]], lengths: list[int], timeout: float) -> list:
+    """Start the engine, submit every prompt (greedy, lengths[i] new tokens), wait for all, stop it."""
+    engine.start()
+    try:
+        jobs = [engine.submit(p, GenerationConfig(max_new_tokens=n), lambda kind, value: None)
+                for p, n in zip(prompts, lengths, strict=True)]
+        wait_until(lambda: all(job.done for job in jobs), timeout=timeout)
+    finally:
+        engine.shutdown()
+    return jobs
+
+
 def test_engine_cache_compacts_and_grows(tiny):
     """Many requests of uneven lengths through 2 rows: the timeline is shifted and the cache grown, and each
     request still gets its tokens alone (greedy)."""
     model, tokenizer = tiny
-    rng = random.Random(1)
-    prompts = [[rng.randrange(3, 1000) for _ in range(rng.randrange(1, 200))] for _ in range(8)]
-    lengths = [rng.randrange(1, 120) for _ in prompts]
-    alone = [list(generate(model, p, tokenizer=tokenizer, max_new_tokens=n))
-             for p, n in zip(prompts, lengths, strict=True)]
+    prompts, lengths, alone = random_requests(model, tokenizer, seed=1, count=8, max_prompt=200, max_new=120)
     engine = Engine(model, tokenizer, max_batch=2, max_queue=8, prefill_chunk=64, context_length=400)
     shifts = []
     compact = engine._compact
@@ -534,13 +552,7 @@ def test_engine_cache_compacts_and_grows(tiny):
         shifts.append(before - engine._T)
 
     engine._compact = spy
-    engine.start()
-    try:
-        jobs = [engine.submit(p, GenerationConfig(max_new_tokens=n), lambda kind, value: None)
-                for p, n in zip(prompts, lengths, strict=True)]
-        wait_until(lambda: all(job.done for job in jobs), timeout=120)
-    finally:
-        engine.shutdown()
+    jobs = run_greedy(engine, prompts, lengths, timeout=120)
     assert [job.new_ids for job in jobs] == alone
     assert all(job.finish_reason == "length" for job in jobs)
     assert any(shifts) and 256 < engine._cache.max_len <= 400  # it did shift, grow, and stay in bounds
@@ -553,20 +565,10 @@ def test_engine_with_the_compiled_step(tiny):
     from smollm2.fast import FastDecoder
 
     model, tokenizer = tiny
-    rng = random.Random(2)
-    prompts = [[rng.randrange(3, 1000) for _ in range(rng.randrange(1, 150))] for _ in range(5)]
-    lengths = [rng.randrange(1, 100) for _ in prompts]
-    alone = [list(generate(model, p, tokenizer=tokenizer, max_new_tokens=n))
-             for p, n in zip(prompts, lengths, strict=True)]
+    prompts, lengths, alone = random_requests(model, tokenizer, seed=2, count=5, max_prompt=150, max_new=100)
     step = FastDecoder(model, compile=True)
     engine = Engine(model, tokenizer, max_batch=2, max_queue=8, prefill_chunk=64, context_length=300, step=step)
-    engine.start()
-    try:
-        jobs = [engine.submit(p, GenerationConfig(max_new_tokens=n), lambda kind, value: None)
-                for p, n in zip(prompts, lengths, strict=True)]
-        wait_until(lambda: all(job.done for job in jobs), timeout=300)
-    finally:
-        engine.shutdown()
+    jobs = run_greedy(engine, prompts, lengths, timeout=300)
     assert step.compile_seconds is not None  # it really ran the compiled step
     assert [job.new_ids for job in jobs] == alone
 

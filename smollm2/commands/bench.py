@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the model: a .gguf file, an original-layout directory or a hub id "
                              "(default: the bundled SmolLM2-135M-Instruct Q4_1 GGUF)")
     parser.add_argument("--modes", "--quantize", dest="modes", type=_names(OUR_MODES, "--modes"), default=OUR_MODES,
-                        help=f"our modes to run, comma-separated (default: {','.join(OUR_MODES)})")
+                        help=f"our modes (--quantize values) to run, comma-separated (default: {','.join(OUR_MODES)})")
     parser.add_argument("--against", type=_names(PEERS + ("none",), "--against"), default=PEERS,
                         help=f"peers to run when installed, comma-separated, or 'none' (default: {','.join(PEERS)})")
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default: %(default)s)")

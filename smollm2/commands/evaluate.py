@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    """(model, tokenizer, name): the one place where the model is built (and later quantised)."""
+    """(model, tokenizer, name): the one place where the model is built (and quantised, with --quantize)."""
     from ..loading import BUNDLED_FILE, load
 
     model, tokenizer = load(args.source, dtype=_DTYPES[args.dtype], quantize=args.quantize)
@@ -166,9 +166,8 @@ def run(args: argparse.Namespace) -> int:
     summary = _summary(task_results, seconds)
     card_rows = _card_rows(summary)
     config = {"source": model_name, "dtype": args.dtype, "quantize": args.quantize, "chat_template": chat_template,
-              "limit": args.limit,
-              "data_dir": str(data_dir), "batch_size": args.batch_size, "torch": torch.__version__,
-              "seconds": round(sum(seconds.values()), 1)}
+              "limit": args.limit, "data_dir": str(data_dir), "batch_size": args.batch_size,
+              "torch": torch.__version__, "seconds": round(sum(seconds.values()), 1)}
     quantized = "" if args.quantize == "none" else f", quantize {args.quantize}"
     caption = (f"{model_name}, {args.dtype}{quantized}, chat template {'on' if chat_template else 'off'}, "
                f"{config['seconds']:.0f} s")
