@@ -30,7 +30,7 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
                             "fastest decode that keeps quality (+0.3%% perplexity on held-out text)")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the decode step: faster tokens after a one-off compile "
-                            "(~10-60 s, cached for later runs)")
+                            "(seconds to a minute, cached by torch for later runs)")
 
 
 def load_for_inference(args: argparse.Namespace):  # -> (SmolLM2, Tokenizer, step)
