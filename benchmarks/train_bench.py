@@ -46,6 +46,22 @@ def _batch(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (BATCH, SEQ + 1), generator=generator)  # inputs and next-token targets
 
 
+def _step(loss_of, params: list[torch.Tensor], optimizer, bf16: bool, device: torch.device):
+    """One training step on a module: forward and loss (bf16 autocast or not), backward, clip, AdamW, zero grad;
+    returns the loss (float() waits for the device, so a step's time includes all of its work)."""
+
+    def step(module: torch.nn.Module) -> float:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_of(module)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
 def _ours(bf16: bool, device: torch.device, ckpt: bool = False):
     """(module, step function) for our model and loss. ckpt: activation checkpointing per block (each block
     keeps only its input for the backward pass and recomputes the rest: less memory, one more forward)."""
@@ -67,16 +83,8 @@ def _ours(bf16: bool, device: torch.device, ckpt: bool = False):
     tokens = _batch(model.config.vocab_size).to(device)
     x, y = tokens[:, :-1], tokens[:, 1:]
 
-    def step(module: torch.nn.Module) -> float:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = module(x, y) / y.numel()  # LossModel returns the summed cross-entropy
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(core.parameters(), CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss)
-
-    return core, step
+    # LossModel returns the summed cross-entropy
+    return core, _step(lambda module: module(x, y) / y.numel(), list(core.parameters()), optimizer, bf16, device)
 
 
 def _hf(bf16: bool, device: torch.device):
@@ -99,16 +107,9 @@ def _hf(bf16: bool, device: torch.device):
     tokens = _batch(c.vocab_size).to(device)
     x = tokens[:, :-1]
 
-    def step(module: torch.nn.Module) -> float:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = module(input_ids=x, labels=x).loss  # transformers shifts the labels itself
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss)
-
-    return model, step
+    # transformers shifts the labels itself
+    return model, _step(lambda module: module(input_ids=x, labels=x).loss, list(model.parameters()), optimizer,
+                        bf16, device)
 
 
 def run_config(name: str, steps: int, warmup: int, device: torch.device) -> dict:
