@@ -158,19 +158,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def _tokenizer(source: str | None):  # -> Tokenizer
-    """The source's tokenizer alone (the peers tokenize with ours, so every configuration gets the same ids)."""
-    from .loading import resolve
-    from .tokenizer import Tokenizer
-
-    kind, path = resolve(source)
-    if kind == "gguf":
-        from .gguf import read_gguf, tokenizer_from_gguf
-
-        return tokenizer_from_gguf(read_gguf(path), path)
-    return Tokenizer.from_dir(path)
-
-
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -205,11 +192,10 @@ def bench_ours(source: str | None, mode: str, prompt_len: int, new_tokens: int, 
     from .generate import prefill
     from .kv_cache import KVCache
     from .loading import load
-    from .quantize import quantize_model, weight_bytes_per_token
+    from .quantize import weight_bytes_per_token
 
     t = time.perf_counter()
-    model, tokenizer = load(source, device=device)
-    quantize_model(model, mode)
+    model, tokenizer = load(source, device=device, quantize=mode)
     _sync(device)
     load_s = time.perf_counter() - t
     peak_load_mb = peak_rss_mb()
@@ -253,6 +239,7 @@ def bench_transformers(source: str | None, dtype_name: str, prompt_len: int, new
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
+    from .data import load_tokenizer  # ours: the same ids for every configuration
     from .loading import resolve
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -266,7 +253,7 @@ def bench_transformers(source: str | None, dtype_name: str, prompt_len: int, new
     model = model.to(device).eval()
     _sync(device)
     load_s = time.perf_counter() - t
-    tokenizer = _tokenizer(source)
+    tokenizer = load_tokenizer(source)[0]
     peak_load_mb = peak_rss_mb()
     reset_peak_rss()
     ids = torch.tensor([prompt_ids(tokenizer, prompt_len)], device=device)
@@ -298,6 +285,7 @@ def bench_llama_cpp(source: str | None, prompt_len: int, new_tokens: int, repeat
     """llama.cpp (llama-cpp-python) on the GGUF file itself, with as many threads as torch uses."""
     import llama_cpp
 
+    from .data import load_tokenizer
     from .loading import resolve
 
     kind, path = resolve(source)
@@ -308,7 +296,7 @@ def bench_llama_cpp(source: str | None, prompt_len: int, new_tokens: int, repeat
                           n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
                           verbose=False)
     load_s = time.perf_counter() - t
-    ids = prompt_ids(_tokenizer(source), prompt_len)
+    ids = prompt_ids(load_tokenizer(source)[0], prompt_len)
     peak_load_mb = peak_rss_mb()
     reset_peak_rss()
 
