@@ -3,6 +3,8 @@ compiled, across cache buckets, at the very end of the cache, with left padding,
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -104,6 +106,26 @@ def test_fast_step_on_a_quantised_model(tiny_config: Config, mode: str) -> None:
         assert model.model.layers[0].self_attn.qkv_proj is not None
     prompts = torch.randint(0, tiny_config.vocab_size, (1, 9))
     assert run_both(model, FastDecoder(model, compile=False), prompts, 70) < 0.05
+
+
+def test_fast_step_with_our_attention_kernel(tiny_config: Config) -> None:
+    """With head_dim 64 the step attends with our kernel (kernels.py) where it is built: eager and compiled,
+    with a left-padded row, the plain model's logits to float rounding."""
+    from smollm2 import kernels
+
+    if not kernels.available():
+        pytest.skip("smollm2's kernels are not built here (python -m smollm2.kernels)")
+    config = dataclasses.replace(tiny_config, hidden_size=256)  # head_dim 64
+    model = tiny_model(config)
+    prompts = torch.randint(0, config.vocab_size, (2, 6))
+    cache_len = 80
+    mask = torch.ones(2, cache_len, dtype=torch.long)
+    mask[1, :3] = 0
+    positions = (torch.arange(6)[None, :] - torch.tensor([[0], [3]])).clamp(min=0)
+    for compile in (False, True):
+        fast = FastDecoder(model, compile=compile)
+        assert fast._attention_kernel
+        assert run_both(model, fast, prompts, cache_len, mask, positions) < 1e-4
 
 
 def test_invalid_calls(tiny_config: Config) -> None:

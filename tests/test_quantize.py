@@ -139,6 +139,60 @@ def test_vnni_kernels_match_float_maths(rows: int, shape: tuple[int, int]) -> No
     assert torch.equal(q4.rows(16, 48)(x), q4(x)[:, 16:48]) and torch.equal(q8.rows(32, 64)(x), q8(x)[:, 32:64])
 
 
+def test_vnni_kernels_give_a_row_the_same_result_in_any_batch() -> None:
+    """A prefill's rows go through the kernels 4 at a time, a decode step's one: the same numbers either way."""
+    vnni_or_skip()
+    w, x = torch.randn(96, 128), torch.randn(7, 128)  # 7 rows: one tile of 4, then 3 one by one
+    for layer in (Q4Linear.from_float(w), Q8Linear.from_float(w)):
+        whole = layer(x)
+        assert all(torch.equal(whole[i], layer(x[i : i + 1])[0]) for i in range(7))
+        assert torch.equal(whole[4:], layer(x[4:]))
+
+
+def sdpa_reference(q, k, v, valid):
+    mask = valid[:, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                            enable_gqa=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("B", "H", "Hkv", "D", "L"), [(1, 9, 3, 64, 576), (2, 4, 4, 128, 70), (3, 8, 2, 64, 17)])
+def test_decode_attention_kernel_matches_sdpa(dtype, B, H, Hkv, D, L) -> None:
+    """Our one-token attention (chunks of 64 positions merged as in flash-decoding) against SDPA, on views of
+    a longer cache, with masked positions: whole 64-position chunks (left padding) and scattered ones."""
+    vnni_or_skip()
+    from smollm2 import kernels
+
+    assert kernels.decode_attention_supported(H, Hkv, D, dtype, torch.device("cpu"))
+    cache_len = L + 30
+    q = torch.randn(B, H, 1, D).to(dtype)
+    k_cache, v_cache = (torch.randn(B, Hkv, cache_len, D).to(dtype) for _ in range(2))
+    k_cache[:, :, L:] = float("nan")  # past the attended length: must never be read
+    valid = torch.rand(B, L) > 0.3
+    valid[:, -1] = True  # the new token itself
+    valid[0, : min(L - 1, 130)] = False  # row 0 left-padded over two whole chunks
+    v_cache[0, :, :5] = float("nan")  # a masked position's cache row may hold anything
+    y = torch.ops.smollm2.decode_attention(q, k_cache[:, :, :L], v_cache[:, :, :L], valid)
+    assert y.shape == q.shape and y.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    k, v = (c[:, :, :L].nan_to_num() for c in (k_cache, v_cache))  # SDPA would spread the NaN (0 x NaN)
+    torch.testing.assert_close(y.float(), sdpa_reference(q, k, v, valid), atol=tolerance, rtol=tolerance)
+
+
+def test_decode_attention_kernel_supported_shapes() -> None:
+    vnni_or_skip()
+    from smollm2 import kernels
+
+    cpu = torch.device("cpu")
+    assert kernels.decode_attention_supported(9, 3, 64, torch.float32, cpu)
+    assert not kernels.decode_attention_supported(4, 2, 16, torch.float32, cpu)  # head_dim 16: SDPA instead
+    assert not kernels.decode_attention_supported(10, 2, 64, torch.float32, cpu)  # 5 query heads per KV head
+    assert not kernels.decode_attention_supported(9, 3, 64, torch.float16, cpu)
+    with pytest.raises(RuntimeError, match="head_dim 64 or 128"):
+        torch.ops.smollm2.decode_attention(torch.randn(1, 4, 1, 32), *(torch.randn(1, 2, 8, 32),) * 2,
+                                           torch.ones(1, 8, dtype=torch.bool))
+
+
 # ---- the model transform --------------------------------------------------------------------------------
 
 BACKENDS = ["vnni", "torch"]
