@@ -43,7 +43,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-NAME = "smollm2_vnni_v14"  # bump when the source changes: the build cache is keyed by name
+NAME = "smollm2_vnni_v15"  # bump when the source changes: the build cache is keyed by name
 ROWS = 16  # output rows per packed block: one 512-bit register of int32 accumulators
 GROUP = 32  # input channels per activation (and q4 weight) scale
 
@@ -264,7 +264,8 @@ inline __m512 sum16(const __m512 v[16]) {
       t[h] = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)));
     }
     // per 128-bit lane: the partial sums of v[4i .. 4i+3]
-    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(t[0], t[1])), _mm512_castpd_ps(_mm512_unpackhi_pd(t[0], t[1])));
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(t[0], t[1])),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(t[0], t[1])));
   }
   const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
   const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
@@ -286,7 +287,8 @@ void attend_chunk(const float* q, const T* k, const T* v, int64_t k_stride, int6
   for (int64_t j = 0; j < n; j += 16) {  // scores, 16 positions at a time
     const int64_t cnt = std::min<int64_t>(16, n - j);
     const __mmask16 live = _cvtu32_mask16(cnt == 16 ? 0xFFFF : (1u << cnt) - 1);
-    const __mmask16 keep = _mm_mask_cmpneq_epi8_mask(live, _mm_maskz_loadu_epi8(live, valid + s0 + j), _mm_setzero_si128());
+    const __mmask16 keep =
+        _mm_mask_cmpneq_epi8_mask(live, _mm_maskz_loadu_epi8(live, valid + s0 + j), _mm_setzero_si128());
     for (int64_t p = 0; p < cnt; ++p)  // the V rows these positions will need, fetched while the scores compute
       for (int64_t b = 0; b < DV * 16 * static_cast<int64_t>(sizeof(T)); b += 64)
         _mm_prefetch(reinterpret_cast<const char*>(v + (s0 + j + p) * v_stride) + b, _MM_HINT_T0);
@@ -296,7 +298,8 @@ void attend_chunk(const float* q, const T* k, const T* v, int64_t k_stride, int6
         dots[p] = _mm512_setzero_ps();
         if (p >= cnt) continue;
         const T* kr = k + (s0 + j + p) * k_stride;
-        for (int d = 0; d < DV; ++d) dots[p] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (r * DV + d) * 16), load16f(kr + d * 16), dots[p]);
+        for (int d = 0; d < DV; ++d)
+          dots[p] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (r * DV + d) * 16), load16f(kr + d * 16), dots[p]);
       }
       const __m512 sc = _mm512_mask_blend_ps(keep, _mm512_set1_ps(-INFINITY), sum16(dots));
       _mm512_store_ps(weights[r] + j, sc);
