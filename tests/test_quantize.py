@@ -16,6 +16,7 @@ from smollm2.generate import generate
 from smollm2.model import SmolLM2
 from smollm2.quantize import (
     QUANTIZED,
+    BF16Linear,
     Int4Linear,
     Int8Linear,
     Q4Linear,
@@ -147,6 +148,24 @@ def test_vnni_kernels_give_a_row_the_same_result_in_any_batch() -> None:
         whole = layer(x)
         assert all(torch.equal(whole[i], layer(x[i : i + 1])[0]) for i in range(7))
         assert torch.equal(whole[4:], layer(x[4:]))
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_bf16_kernel_matches_float_maths(rows: int) -> None:
+    """vdpbf16ps sums bf16 products in fp32; the output is rounded to bf16 once."""
+    vnni_or_skip()
+    from smollm2 import kernels
+
+    if not kernels.bf16_supported():
+        pytest.skip("this CPU has no AVX-512 BF16")
+    w, x = torch.randn(96, 128), torch.randn(rows, 128).to(torch.bfloat16)
+    layer = BF16Linear.from_float(w)
+    y = layer(x)
+    expected = x.float() @ w.to(torch.bfloat16).float().T
+    assert y.dtype == torch.bfloat16 and rel_err(y, expected) < 4e-3
+    assert torch.equal(layer(x.float()).float(), y.float())  # float input: rounded to bf16 first
+    assert all(torch.equal(y[i], layer(x[i : i + 1])[0]) for i in range(rows))  # 4-row tiles = one by one
+    assert torch.equal(layer.rows(32, 64)(x), y[:, 32:64])
 
 
 def sdpa_reference(q, k, v, valid):
@@ -300,6 +319,32 @@ def test_fallback_when_no_kernel_runs(tiny_config: Config, monkeypatch: pytest.M
     head_codes, head_scales = quantize_int8(reference.lm_head.weight.detach())
     expected_head = dequantize_int8(head_codes, head_scales.to(torch.bfloat16)).to(torch.bfloat16).float()
     torch.testing.assert_close(slow.lm_head.weight.float(), expected_head, rtol=0, atol=0)
+
+
+def test_bf16_mode_on_our_kernel_and_without(tiny_config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 runs our packed bf16 layers (fused like the integer modes) where the CPU has AVX-512 BF16, plain
+    bf16 linears elsewhere: the same weights, the same logits up to rounding."""
+    from smollm2 import kernels
+
+    vnni_or_skip()
+    if not kernels.bf16_supported():
+        pytest.skip("this CPU has no AVX-512 BF16")
+    reference = tiny_model(tiny_config)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 9))
+    with torch.no_grad():
+        packed = quantize_model(copy.deepcopy(reference), "bf16")
+        got = packed(ids)
+        monkeypatch.setattr(kernels, "bf16_supported", lambda: False)
+        plain = quantize_model(copy.deepcopy(reference), "bf16")
+        expected = plain(ids)
+    assert packed.quantize_backend == "vnni" and plain.quantize_backend == "torch"
+    assert isinstance(packed.lm_head, BF16Linear) and isinstance(packed.model.layers[0].self_attn.qkv_proj, BF16Linear)
+    assert not any(isinstance(m, nn.Linear) for m in packed.modules())
+    assert all(m.weight.dtype == torch.bfloat16 for m in plain.modules() if isinstance(m, nn.Linear))
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight  # plain bf16 keeps the tie
+    assert got.dtype == expected.dtype == torch.bfloat16 and rel_err(got, expected) < 0.02
+    with pytest.raises(ValueError, match="already quantised"):
+        quantize_model(packed, "int8")
 
 
 def test_int4_head_option(tiny_config: Config) -> None:
