@@ -2,8 +2,11 @@
 
     python -m smollm2.bench --modes none,int4 --against transformers     (or `smollm2 bench ...`)
 
-Each configuration runs in a fresh Python process (a "worker", this module with --worker), so its peak RSS,
-load time and compile time are its own and no compiled graph or allocator state carries over. Per worker:
+Each configuration runs in its own Python process (a "worker", this module with --worker), so its peak RSS,
+load time and compile time are its own and no compiled graph or allocator state carries over. The workers
+are set up one after the other (load, warm-up, compile), then timed in rounds: one run of each configuration
+per round, in turn, --repeats rounds. Interleaving matters on a shared machine whose speed drifts over
+minutes: every configuration sees the same drift, so the ratios between them hold. Per worker:
   load      seconds from nothing to a model ready to run (reading the weights, quantising them)
   compile   seconds of the first decode step beyond a plain one (torch.compile); 0 when not compiled
   prefill   tokens/s over a --prompt-len prompt into an empty cache, last position's logits only
@@ -11,7 +14,7 @@ load time and compile time are its own and no compiled graph or allocator state 
   decode    tokens/s over --new-tokens greedy one-token steps (batch 1) after the prompt
   RSS       the process's peak resident memory (VmHWM): "run" after loading (warm-up, compiling and the
             timed runs), "peak" over the whole process (loading converts float weights, so it peaks there)
-Every number is the median of --repeats runs after one warm-up run (which also compiles). The parent also
+Every number is the median of the --repeats timed runs, after a warm-up run (which also compiles). The parent also
 measures the memory bandwidth (reading a 512 MiB tensor), and reports for each of our modes the decode limit
 that bandwidth sets, bandwidth / bytes of weights read per token, and how close the mode comes to it.
 
@@ -163,30 +166,40 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed_runs(run_once: Callable[[], tuple[float, float, float, list[int]]], repeats: int):
-    """Warm-up once, then `repeats` runs of (prefill_s, ttft_s, decode_s, tokens); per-run lists."""
-    run_once()
-    return [run_once() for _ in range(repeats)]
+Run = tuple[float, float, float, list[int]]  # one timed run: prefill s, time to first token s, decode s, tokens
 
 
-def _result(name: str, mode: str, runs, prompt_len: int, new_tokens: int, load_s: float, compile_s: float,
-            peak_load_mb: float, weight_bytes: int | None = None) -> Result:
-    prefill = [prompt_len / r[0] for r in runs]
-    decode = [(new_tokens - 1) / r[2] for r in runs]  # the first new token comes from the prefill
-    return Result(
-        name=name, mode=mode, prefill_tok_s=statistics.median(prefill), decode_tok_s=statistics.median(decode),
-        ttft_s=statistics.median(r[1] for r in runs), peak_rss_mb=max(peak_load_mb, peak_rss_mb()),
-        run_rss_mb=peak_rss_mb(), load_s=load_s,
-        compile_s=compile_s, tokens=runs[-1][3], decode_runs_tok_s=decode, prefill_runs_tok_s=prefill,
-        weight_mb_per_token=None if weight_bytes is None else weight_bytes / 1e6,
-    )
+@dataclass
+class Configuration:
+    """One configuration in a worker: loaded, warmed up (and compiled), ready to time with run_once()."""
+
+    name: str
+    mode: str
+    run_once: Callable[[], Run]
+    load_s: float
+    compile_s: float
+    peak_load_mb: float  # the process's peak while loading (reset afterwards)
+    weight_bytes: int | None = None  # per decode step (ours)
+    prefill_flops_per_token: int | None = None
+
+    def result(self, runs: list[Run], prompt_len: int, new_tokens: int) -> Result:
+        prefill = [prompt_len / r[0] for r in runs]
+        decode = [(new_tokens - 1) / r[2] for r in runs]  # the first new token comes from the prefill
+        return Result(
+            name=self.name, mode=self.mode, prefill_tok_s=statistics.median(prefill),
+            decode_tok_s=statistics.median(decode), ttft_s=statistics.median(r[1] for r in runs),
+            peak_rss_mb=max(self.peak_load_mb, peak_rss_mb()), run_rss_mb=peak_rss_mb(), load_s=self.load_s,
+            compile_s=self.compile_s, tokens=runs[-1][3], decode_runs_tok_s=decode, prefill_runs_tok_s=prefill,
+            weight_mb_per_token=None if self.weight_bytes is None else self.weight_bytes / 1e6,
+            prefill_flops_per_token=self.prefill_flops_per_token,
+        )
 
 
 # ---- workers: one configuration each, in its own process ---------------------------------------------------
 
 
-def bench_ours(source: str | None, mode: str, prompt_len: int, new_tokens: int, repeats: int,
-               compile: bool = True, device: str = "cpu") -> Result:
+def bench_ours(source: str | None, mode: str, prompt_len: int, new_tokens: int, compile: bool = True,
+               device: str = "cpu") -> Configuration:
     """Our model in `mode` (see quantize.py), decoding with the compiled FastDecoder."""
     from .fast import FastDecoder
     from .generate import prefill
@@ -205,7 +218,7 @@ def bench_ours(source: str | None, mode: str, prompt_len: int, new_tokens: int, 
     decoder = FastDecoder(model, compile=compile)
     plain = FastDecoder(model, compile=False)
 
-    def run_once(step=decoder) -> tuple[float, float, float, list[int]]:
+    def run_once(step=decoder) -> Run:
         t0 = time.perf_counter()
         cache = KVCache(model.config, 1, prompt_len + new_tokens, dtype=dtype, device=device)
         logits = prefill(model, ids, cache)
@@ -225,16 +238,13 @@ def bench_ours(source: str | None, mode: str, prompt_len: int, new_tokens: int, 
     first = run_once()
     eager = run_once(plain) if compile else first
     compile_s = max(0.0, first[2] - eager[2]) if compile else 0.0
-    runs = [run_once() for _ in range(repeats)]
     name = {"none": "ours fp32"}.get(mode, f"ours {mode}") + ("" if compile else " (eager)")
-    result = _result(name, mode, runs, prompt_len, new_tokens, load_s, compile_s, peak_load_mb,
-                     weight_bytes_per_token(model))
-    result.prefill_flops_per_token = prefill_flops_per_token(model.config, prompt_len)
-    return result
+    return Configuration(name, mode, run_once, load_s, compile_s, peak_load_mb, weight_bytes_per_token(model),
+                         prefill_flops_per_token(model.config, prompt_len))
 
 
 def bench_transformers(source: str | None, dtype_name: str, prompt_len: int, new_tokens: int,
-                       repeats: int, device: str = "cpu") -> Result:
+                       device: str = "cpu") -> Configuration:
     """transformers' LlamaForCausalLM on the same weights (the GGUF through transformers' own loader)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
@@ -259,7 +269,7 @@ def bench_transformers(source: str | None, dtype_name: str, prompt_len: int, new
     ids = torch.tensor([prompt_ids(tokenizer, prompt_len)], device=device)
 
     @torch.inference_mode()
-    def run_once() -> tuple[float, float, float, list[int]]:
+    def run_once() -> Run:
         t0 = time.perf_counter()
         out = model(ids, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -276,12 +286,11 @@ def bench_transformers(source: str | None, dtype_name: str, prompt_len: int, new
         t2 = time.perf_counter()
         return t1 - t0, t1 - t0, t2 - t1, tokens
 
-    runs = _timed_runs(run_once, repeats)
-    return _result(f"transformers {dtype_name}", dtype_name, runs, prompt_len, new_tokens, load_s, 0.0,
-                   peak_load_mb)
+    run_once()  # warm-up
+    return Configuration(f"transformers {dtype_name}", dtype_name, run_once, load_s, 0.0, peak_load_mb)
 
 
-def bench_llama_cpp(source: str | None, prompt_len: int, new_tokens: int, repeats: int) -> Result:
+def bench_llama_cpp(source: str | None, prompt_len: int, new_tokens: int) -> Configuration:
     """llama.cpp (llama-cpp-python) on the GGUF file itself, with as many threads as torch uses."""
     import llama_cpp
 
@@ -300,7 +309,7 @@ def bench_llama_cpp(source: str | None, prompt_len: int, new_tokens: int, repeat
     peak_load_mb = peak_rss_mb()
     reset_peak_rss()
 
-    def run_once() -> tuple[float, float, float, list[int]]:
+    def run_once() -> Run:
         llm.reset()  # forget the previous run, or generate() would reuse its cached prompt
         t0 = time.perf_counter()
         stream = llm.generate(ids, temp=0.0, top_k=1, reset=True)  # greedy
@@ -312,11 +321,11 @@ def bench_llama_cpp(source: str | None, prompt_len: int, new_tokens: int, repeat
         stream.close()
         return t1 - t0, t1 - t0, t2 - t1, tokens
 
-    runs = _timed_runs(run_once, repeats)
-    return _result("llama.cpp (GGUF as is)", "gguf", runs, prompt_len, new_tokens, load_s, 0.0, peak_load_mb)
+    run_once()  # warm-up
+    return Configuration("llama.cpp (GGUF as is)", "gguf", run_once, load_s, 0.0, peak_load_mb)
 
 
-def _worker(spec: dict) -> Result:
+def _set_up(spec: dict) -> Configuration:
     kind = spec.pop("kind")
     if kind == "ours":
         return bench_ours(**spec)
@@ -325,6 +334,22 @@ def _worker(spec: dict) -> Result:
     if kind == "llama.cpp":
         return bench_llama_cpp(**spec)
     raise ValueError(f"unknown benchmark kind {kind!r}")
+
+
+def _serve(spec: dict) -> None:
+    """The worker: set up, say "ready", then answer each "run" line on stdin with one timed run (JSON) and
+    "done" with the Result (JSON)."""
+    prompt_len, new_tokens = spec["prompt_len"], spec["new_tokens"]
+    configuration = _set_up(spec)
+    runs: list[Run] = []
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "run":
+            runs.append(configuration.run_once())
+            print(json.dumps(runs[-1]), flush=True)
+        elif line.strip() == "done":
+            print(json.dumps(asdict(configuration.result(runs, prompt_len, new_tokens))), flush=True)
+            return
 
 
 # ---- the parent: one worker per configuration, then the table ------------------------------------------
@@ -337,15 +362,52 @@ def peers_available() -> dict[str, bool]:
             "llama.cpp": importlib.util.find_spec("llama_cpp") is not None}
 
 
-def run_worker(spec: dict, timeout: float = 3600) -> Result:
-    """Run one configuration in a fresh process; its last stdout line is the Result as JSON."""
-    cmd = [sys.executable, "-m", "smollm2.bench", "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise RuntimeError(f"benchmark worker {spec} failed (exit {proc.returncode}):\n{tail}")
-    return Result(**json.loads(lines[-1]))
+class Worker:
+    """A configuration's process, driven line by line (see _serve). Its stderr goes to a temporary file, read
+    back only to explain a failure (a pipe could fill up and block it)."""
+
+    def __init__(self, spec: dict) -> None:
+        import tempfile
+
+        self.spec = spec
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        cmd = [sys.executable, "-m", "smollm2.bench", "--worker", json.dumps(spec)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True)
+        self._expect("ready")
+
+    def _line(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.stderr.seek(0)
+            tail = "\n".join(self.stderr.read().strip().splitlines()[-15:])
+            raise RuntimeError(f"benchmark worker {self.spec} failed (exit {self.proc.returncode}):\n{tail}")
+        return line.strip()
+
+    def _expect(self, word: str) -> None:
+        while self._line() != word:  # (a library may print to stdout while loading)
+            pass
+
+    def ask(self, command: str) -> object:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        while True:
+            line = self._line()
+            if line.startswith(("[", "{")):
+                return json.loads(line)
+
+    def finish(self) -> Result:
+        result = Result(**self.ask("done"))
+        self.proc.wait()
+        self.stderr.close()
+        return result
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
 
 
 def run_bench(
@@ -359,7 +421,8 @@ def run_bench(
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Every configuration, each in its own process; a JSON-able dict with the machine and the results."""
+    """Every configuration, each in its own process, timed in interleaved rounds; a JSON-able dict with the
+    machine and the results."""
     for mode in modes:
         if mode not in OUR_MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(OUR_MODES)}")
@@ -369,7 +432,7 @@ def run_bench(
     if repeats < 1 or new_tokens < 2 or prompt_len < 1:
         raise ValueError(f"need --repeats >= 1, --new-tokens >= 2 and --prompt-len >= 1, got {repeats}, "
                          f"{new_tokens}, {prompt_len}")
-    common = dict(source=source, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats)
+    common = dict(source=source, prompt_len=prompt_len, new_tokens=new_tokens)
     skipped = [f"ours {m} (CPU kernels only)" for m in modes if m in ("int8", "int4") and device != "cpu"]
     modes = tuple(m for m in modes if device == "cpu" or m not in ("int8", "int4"))
     specs = [dict(kind="ours", mode=m, compile=compile, device=device, **common) for m in modes]
@@ -384,11 +447,21 @@ def run_bench(
         else:
             specs.append(dict(kind="llama.cpp", **common))
     bandwidth = measure_bandwidth() if device == "cpu" else None
-    results = []
-    for spec in specs:
-        if progress:
-            progress(f"running {spec['kind']} {spec.get('mode', spec.get('dtype_name', ''))}")
-        results.append(run_worker(dict(spec)))
+    workers: list[Worker] = []
+    try:
+        for spec in specs:  # one at a time: setting up (loading, compiling) uses every core
+            if progress:
+                progress(f"setting up {spec['kind']} {spec.get('mode', spec.get('dtype_name', ''))}")
+            workers.append(Worker(spec))
+        for i in range(repeats):  # then one timed run of each, in turn
+            if progress:
+                progress(f"round {i + 1} of {repeats}")
+            for worker in workers:
+                worker.ask("run")
+        results = [worker.finish() for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
     reference = next((r for r in results if r.name == "transformers fp32"),
                      next((r for r in results if r.mode == "none"), None))
     llama = next((r for r in results if r.mode == "gguf"), None)
@@ -476,8 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.worker:
         torch.manual_seed(0)
-        result = _worker(json.loads(args.worker))
-        print(json.dumps(asdict(result)))
+        _serve(json.loads(args.worker))
         return 0
     from .commands.bench import add_arguments, run
 

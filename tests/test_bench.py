@@ -51,8 +51,12 @@ def test_bench_command_end_to_end(tiny_dir: Path, tmp_path: Path, capsys: pytest
                  "--prompt-len", "16", "--new-tokens", "5", "--repeats", "2", "--no-compile",
                  "--json", str(out_file)])
     assert code == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
     report = json.loads(lines[-1])
+    # Set up one after the other, then timed in interleaved rounds (one run of each configuration per round).
+    assert captured.err.strip().splitlines() == ["setting up ours none", "setting up ours int4", "round 1 of 2",
+                                                 "round 2 of 2"]
     assert report == json.loads(out_file.read_text())
     assert "ours fp32 (eager)" in "\n".join(lines[:-1])  # the table came first
     assert report["prompt_len"] == 16 and report["bandwidth_gb_s"] > 0
@@ -64,6 +68,14 @@ def test_bench_command_end_to_end(tiny_dir: Path, tmp_path: Path, capsys: pytest
         assert r["limit_tok_s"] == pytest.approx(report["bandwidth_gb_s"] * 1e3 / r["weight_mb_per_token"])
     assert fp32["same_tokens"] == 5  # the reference (our fp32, with no transformers run) against itself
     assert int4["weight_mb_per_token"] < fp32["weight_mb_per_token"] / 3
+
+
+def test_a_failing_worker_is_reported(tmp_path: Path) -> None:
+    from smollm2.bench import run_bench
+
+    with pytest.raises(RuntimeError, match=r"benchmark worker .* failed \(exit 1\):\n(.|\n)*missing\.gguf"):
+        run_bench(source=str(tmp_path / "missing.gguf"), modes=("none",), against=(), prompt_len=4, new_tokens=2,
+                  repeats=1, compile=False)
 
 
 def test_bench_rejects_unknown_modes(capsys: pytest.CaptureFixture) -> None:
