@@ -48,7 +48,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-NAME = "smollm2_vnni_v16"  # bump when the source changes: the build cache is keyed by name
+NAME = "smollm2_vnni_v18"  # bump when the source changes: the build cache is keyed by name
 ROWS = 16  # output rows per packed block: one 512-bit register of int32 accumulators
 GROUP = 32  # input channels per activation (and q4 weight) scale
 
@@ -341,26 +341,39 @@ void attend_chunk(const float* q, const T* k, const T* v, int64_t k_stride, int6
                   int64_t s0, int64_t s1, float* m, float* l, float* o) {
   alignas(64) float weights[R][CHUNK];
   const int64_t n = s1 - s0;
-  __m512 mx[R];
-  for (int r = 0; r < R; ++r) mx[r] = _mm512_set1_ps(-INFINITY);
+  __m512 qv[R][DV], mx[R];
+  for (int r = 0; r < R; ++r) {
+    for (int d = 0; d < DV; ++d) qv[r][d] = _mm512_loadu_ps(q + (r * DV + d) * 16);
+    mx[r] = _mm512_set1_ps(-INFINITY);
+  }
   for (int64_t j = 0; j < n; j += 16) {  // scores, 16 positions at a time
     const int64_t cnt = std::min<int64_t>(16, n - j);
     const __mmask16 live = _cvtu32_mask16(cnt == 16 ? 0xFFFF : (1u << cnt) - 1);
     const __mmask16 keep =
         _mm_mask_cmpneq_epi8_mask(live, _mm_maskz_loadu_epi8(live, valid + s0 + j), _mm_setzero_si128());
-    for (int64_t p = 0; p < cnt; ++p)  // the V rows these positions will need, fetched while the scores compute
-      for (int64_t b = 0; b < DV * 16 * static_cast<int64_t>(sizeof(T)); b += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(v + (s0 + j + p) * v_stride) + b, _MM_HINT_T0);
-    for (int r = 0; r < R; ++r) {
-      __m512 dots[16];
-      for (int p = 0; p < 16; ++p) {
-        dots[p] = _mm512_setzero_ps();
-        if (p >= cnt) continue;
-        const T* kr = k + (s0 + j + p) * k_stride;
-        for (int d = 0; d < DV; ++d)
-          dots[p] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (r * DV + d) * 16), load16f(kr + d * 16), dots[p]);
+    __m512 partial[R][16];  // per query head and position: 16 lanes of products, summed by sum16 below
+    for (int64_t p = 0; p < 16; ++p) {
+      if (p >= cnt) {
+        for (int r = 0; r < R; ++r) partial[r][p] = _mm512_setzero_ps();
+        continue;
       }
-      const __m512 sc = _mm512_mask_blend_ps(keep, _mm512_set1_ps(-INFINITY), sum16(dots));
+      const T* kr = k + (s0 + j + p) * k_stride;
+      const T* vr = v + (s0 + j + p) * v_stride;
+      const char* ahead = reinterpret_cast<const char*>(kr + 16 * k_stride);  // the key row 16 positions on
+      for (int64_t b = 0; b < DV * 16 * static_cast<int64_t>(sizeof(T)); b += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(vr) + b, _MM_HINT_T0);  // needed after the scores
+        if (j + p + 16 < n) _mm_prefetch(ahead + b, _MM_HINT_T0);
+      }
+      __m512 kv[DV];  // the key row, loaded (and widened from bf16) once for all R query heads
+      for (int d = 0; d < DV; ++d) kv[d] = load16f(kr + d * 16);
+      for (int r = 0; r < R; ++r) {
+        __m512 acc = _mm512_mul_ps(qv[r][0], kv[0]);
+        for (int d = 1; d < DV; ++d) acc = _mm512_fmadd_ps(qv[r][d], kv[d], acc);
+        partial[r][p] = acc;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 sc = _mm512_mask_blend_ps(keep, _mm512_set1_ps(-INFINITY), sum16(partial[r]));
       _mm512_store_ps(weights[r] + j, sc);
       mx[r] = _mm512_max_ps(mx[r], sc);
     }
