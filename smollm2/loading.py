@@ -108,7 +108,8 @@ def load(
     """Load a SmolLM2 model and its tokenizer. With no source: the real SmolLM2-135M-Instruct weights.
 
     quantize: "none" (dtype as given), "bf16", or "int8" / "int4" weight-only on the CPU, for inference
-    (see quantize.py for what each costs). The mode is checked before anything is read.
+    (see quantize.py for what each costs). The mode is checked before anything is read. int4 from a GGUF of
+    Q4_1 blocks (the bundled one) takes the blocks as they are (gguf_int4.py): the same model, sooner.
     """
     from .quantize import check_mode, quantize_model
     from .weights import build_model
@@ -116,8 +117,16 @@ def load(
     check_mode(quantize)
     if quantize in ("int8", "int4") and torch.device(device).type != "cpu":
         raise ValueError(f"quantize={quantize!r} runs on the CPU only; use 'bf16' on {device}")
-    config, state_dict, tokenizer = load_weights(source)
     name = str(source) if source is not None else BUNDLED_FILE
+    kind, path = resolve(source)
+    if quantize == "int4" and kind == "gguf":
+        from .gguf_int4 import load_int4
+
+        loaded = load_int4(path)  # the file's Q4_1 blocks as they are, where they are Q4_1 (None otherwise)
+        if loaded is not None:
+            loaded[0].source = name
+            return loaded
+    config, state_dict, tokenizer = load_weights(path)
     model = build_model(config, state_dict, name, dtype=dtype, device=device)
     del state_dict  # the float copy: quantising below would otherwise hold both
     model.source = name
