@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_gguf import write_gguf
 
 import smollm2
 from smollm2.config import Config
 from smollm2.gguf_int4 import load_int4
 from smollm2.model import SmolLM2
 from smollm2.quantize import quantize_model
-from test_gguf import write_gguf
 
 
 def kernels_or_skip() -> None:
