@@ -23,8 +23,8 @@ Three sets of kernels, the first that works here is used (`backend()`, recorded 
 Groups of 32 match the bundled GGUF, whose blocks are Q4_1 (and Q8_0 for the embedding): re-quantising its
 weights with the same rules gives back the file's own codes, so int4 runs the GGUF's quantised blocks, up to
 rounding the scales to the kernels' formats. `load(gguf, quantize="int4")` takes them from the file as they
-are (gguf_int4.py; the same model, bit for bit, ~1 s sooner and without a float copy). Group 64 mixes two blocks and costs ~40% perplexity on these
-weights; 128 does not divide 576.
+are (gguf_int4.py; the same model, bit for bit, ~1 s sooner and without a float copy). Group 64 mixes two
+blocks and costs ~40% perplexity on these weights; 128 does not divide 576.
 
 The output projection (49152 x 576, tied to the embedding) is the largest matrix and is read for every
 token, so it is quantised too: the quantised copy replaces `model.lm_head`, while the embedding keeps its
