@@ -48,8 +48,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 MODES = ("none", "bf16", "int8", "int4")
-# The CLI's default: the fastest decoding on a CPU that keeps quality (BENCHMARKS.md: +0.3% perplexity,
-# ~3.7x transformers fp32). The library's load() keeps "none", the exact model, as its default.
+# The CLI's default: the fastest decoding on a CPU that keeps quality (BENCHMARKS.md: +0.1-0.3% perplexity,
+# ~4.9x transformers fp32). The library's load() keeps "none", the exact model, as its default.
 DEFAULT_MODE = "int4"
 INT4_GROUP_SIZES = (32, 64)  # must divide every in_features (576, 1536); 128 does not divide 576
 _INT4_INNER_K_TILES = 2  # the packing layout argument; the CPU kernel reads any of 1, 2, 4, 8 the same way

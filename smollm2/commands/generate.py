@@ -27,7 +27,7 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quantize", choices=MODES, default=DEFAULT_MODE,
                        help="weights: none (float32, exactly the original's numbers), bf16, int8 or int4 "
                             "(weight-only, llama.cpp's Q8_0 / Q4_1 blocks of 32). Default: %(default)s, the "
-                            "fastest decode that keeps quality (+0.3%% perplexity on held-out text)")
+                            "fastest decode that keeps quality (+0.1-0.3%% perplexity on held-out text)")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the decode step: faster tokens after a one-off compile "
                             "(seconds to a minute, cached by torch for later runs)")
