@@ -63,6 +63,9 @@ def load_int4(path: Path) -> tuple[SmolLM2, Tokenizer] | None:
     reader = read_gguf(path)
     config = config_from_gguf(reader, path)
     tensors = {t.name: t for t in reader.tensors}
+    expected = {n.format(i=i) for n in TENSOR_NAMES for i in range(config.num_hidden_layers)}
+    if not set(tensors) <= expected:
+        return None  # e.g. rope_freqs: the general path names what it does not support
     linear_names = [n for n in TENSOR_NAMES if n.startswith("blk.") and not n.endswith("norm.weight")]
     head = tensors.get("output.weight", tensors.get("token_embd.weight"))
     blocks = [tensors.get(n.format(i=i)) for i in range(config.num_hidden_layers) for n in linear_names]

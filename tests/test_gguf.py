@@ -41,8 +41,10 @@ def gguf_name(key: str) -> str:
     return HF_TO_GGUF[key]
 
 
-def write_gguf(path: Path, model: SmolLM2, quant: str = "F32", tokens: int = 256) -> None:
-    """What llama.cpp's converter would write for this model (Q and K rows permuted)."""
+def write_gguf(path: Path, model: SmolLM2, quant: str = "F32", tokens: int = 256,
+               extra_tensor: str | None = None) -> None:
+    """What llama.cpp's converter would write for this model (Q and K rows permuted), plus one small tensor
+    named extra_tensor if given."""
     config = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(config.num_hidden_layers)
@@ -79,6 +81,8 @@ def write_gguf(path: Path, model: SmolLM2, quant: str = "F32", tokens: int = 256
             writer.add_tensor(gguf_name(key), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(gguf_name(key), array)
+    if extra_tensor is not None:
+        writer.add_tensor(extra_tensor, np.ones(32, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

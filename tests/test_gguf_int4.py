@@ -67,6 +67,11 @@ def test_other_files_take_the_general_path(tmp_path: Path, block_config: Config,
     write_gguf(q4, model, quant="Q4_1")
     assert load_int4(q8) is None  # Q8_0 blocks: dequantised, then quantised to int4 as any float model
     assert smollm2.load(q8, quantize="int4")[0].quantize_mode == "int4"
+    extra = tmp_path / "extra.gguf"  # a tensor the model has no place for: the general path rejects the file
+    write_gguf(extra, model, quant="Q4_1", extra_tensor="rope_freqs.weight")
+    assert load_int4(extra) is None
+    with pytest.raises(ValueError, match="unexpected tensor 'rope_freqs.weight'"):
+        smollm2.load(extra, quantize="int4")
     monkeypatch.setattr(kernels, "available", lambda: False)
     assert load_int4(q4) is None  # the blocks are laid out for our kernels only
 
