@@ -21,6 +21,8 @@ the cache, and the Python and dispatch overhead of ~400 small ops (30 layers x ~
   per KV head: every SmolLM2), SDPA elsewhere; ~0.5-1 ms less per token than SDPA at 576 positions.
 * The compiled wrapper's per-call size and stride assertions are turned off (`size_asserts`): ~5% of an
   int4 step. The inputs' shapes are the ones traced: the step builds them itself.
+* The float32 model's linears at one row go through our matrix-vector kernel (`kernels.f32_mv`): it takes
+  the activations as inductor lays them out, where ATen's `mm` first copies them (~6% of an fp32 step).
 * Dynamo's guards on the model's modules and parameters are skipped (`guard_filter_fn`): checking them costs
   ~1 ms per call. So the model must not be changed (reloaded, re-quantised) after the decoder is built.
 * Compiling takes ~20-60 s for 30 layers; inductor's FX graph cache (on by default, under
@@ -87,10 +89,12 @@ class FastDecoder:
         # oneDNN's bf16 matmul is ~2x slower than ATen's own at one row (M=1) on this kind of CPU: turn it off
         # around decode steps only (prefill's large matmuls want it).
         self._low_precision = param.dtype in (torch.bfloat16, torch.float16)
-        # Our decode-attention kernel (kernels.py) where it is built, SDPA elsewhere.
+        # Our decode-attention kernel (kernels.py) where it is built, SDPA elsewhere; likewise our float32
+        # matrix-vector product for a one-row step of the float32 model.
         config = model.config
         self._attention_kernel = kernels.decode_attention_supported(
             config.num_attention_heads, config.num_key_value_heads, config.head_dim, param.dtype, param.device)
+        self._f32_kernel = param.dtype == torch.float32 and param.device.type == "cpu" and kernels.available()
         if compile:
             # isolate_recompiles: every FastDecoder has its own compiled graphs. The guards that would tell two
             # models apart are the ones skipped, so without it a second decoder could run the first one's graph.
@@ -178,7 +182,7 @@ class FastDecoder:
                 q, k, v = attn.qkv_proj(h).split([attn.q_proj.out_features, attn.k_proj.out_features,
                                                   attn.v_proj.out_features], dim=-1)
             else:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+                q, k, v = self._linear(attn.q_proj, h), self._linear(attn.k_proj, h), self._linear(attn.v_proj, h)
             q = q.view(B, 1, attn.n_head, attn.head_dim).transpose(1, 2)  # (B, n_head, 1, hd)
             k = k.view(B, 1, attn.n_kv_head, attn.head_dim).transpose(1, 2)  # (B, n_kv_head, 1, hd)
             v = v.view(B, 1, attn.n_kv_head, attn.head_dim).transpose(1, 2)
@@ -193,13 +197,19 @@ class FastDecoder:
                 y = F.scaled_dot_product_attention(
                     q, k_cache[:, :, :L], v_cache[:, :, :L], attn_mask=mask, enable_gqa=attn.n_kv_head != attn.n_head
                 )  # (B, n_head, 1, hd)
-            x = x + attn.o_proj(y.transpose(1, 2).reshape(B, 1, attn.n_head * attn.head_dim))
+            x = x + self._linear(attn.o_proj, y.transpose(1, 2).reshape(B, 1, attn.n_head * attn.head_dim))
             x = x + self._mlp(block.mlp, block.post_attention_layernorm(x))
-        return self.model.lm_head(model.norm(x)[:, -1])  # (B, vocab)
+        return self._linear(self.model.lm_head, model.norm(x)[:, -1])  # (B, vocab)
 
-    @staticmethod
-    def _mlp(mlp: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, mlp: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
         if getattr(mlp, "gate_up_proj", None) is None:
-            return mlp(h)
+            return self._linear(mlp.down_proj, F.silu(self._linear(mlp.gate_proj, h)) * self._linear(mlp.up_proj, h))
         gate, up = mlp.gate_up_proj(h).chunk(2, dim=-1)  # one matmul for both (see quantize.py)
         return mlp.down_proj(F.silu(gate) * up)
+
+    def _linear(self, layer: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """layer(h), through our float32 matrix-vector kernel for a float32 nn.Linear at one row (kernels.py)."""
+        if (self._f32_kernel and h.numel() == h.shape[-1] and isinstance(layer, torch.nn.Linear)
+                and layer.bias is None and kernels.f32_mv_fits(layer.weight)):
+            return torch.ops.smollm2.f32_mv(h.reshape(1, -1), layer.weight).view(*h.shape[:-1], layer.out_features)
+        return layer(h)

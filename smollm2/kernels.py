@@ -26,6 +26,12 @@ AVX-512 BF16's `vdpbf16ps` (pairs of products summed in fp32), for the bf16 mode
 row ~4x faster than torch's bf16 linear on a CPU without AMX; at 512 rows as fast as oneDNN's bf16 GEMM (both
 ~half the fp32 GEMM's rate here: vdpbf16ps does 32 multiply-adds per instruction, two fp32 FMAs do 32 too).
 
+`f32_mv` is the float32 matrix-vector product of a one-row decode step, on nn.Linear's own row-major weights:
+16 rows at a time, one accumulator each, summed across lanes at the end. It streams no faster than MKL's
+GEMV, but as an op of our own it takes the compiled step's (1, K) activations as they come (inductor hands
+`mm` a view with a zero stride that ATen copies first, 61 times a step) and skips ATen's GEMM dispatch: ~6%
+of an fp32 decode step.
+
 The last kernel is the attention of one new token over the KV cache (`decode_attention`, used by fast.py's
 decode step): fp32 or bf16, grouped-query heads, a boolean mask. The cache is split into chunks of 64
 positions, each chunk's softmax computed apart (its maximum, its sum, its weighted values) and the chunks
@@ -48,7 +54,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-NAME = "smollm2_vnni_v18"  # bump when the source changes: the build cache is keyed by name
+NAME = "smollm2_vnni_v20"  # bump when the source changes: the build cache is keyed by name
 ROWS = 16  # output rows per packed block: one 512-bit register of int32 accumulators
 GROUP = 32  # input channels per activation (and q4 weight) scale
 
@@ -406,6 +412,39 @@ void attend_chunk(const float* q, const T* k, const T* v, int64_t k_stride, int6
     for (int d = 0; d < DV; ++d) _mm512_storeu_ps(o + (r * DV + d) * 16, out[r][d]);
 }
 
+// y = W x for W (N, K) float32 as nn.Linear stores it (row-major) and one row x (K): 16 rows at a time, each
+// with its own accumulator over the K/16 vectors of its row, summed across lanes by sum16. The next block's
+// rows are prefetched while this one computes.
+at::Tensor f32_mv(const at::Tensor& x_in, const at::Tensor& w) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == 1 && w.dim() == 2 && x_in.size(1) == w.size(1),
+              "f32_mv: x (1, K) and w (N, K)");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "f32_mv: float32");
+  TORCH_CHECK(w.size(0) % 16 == 0 && w.size(1) % 16 == 0 && w.stride(1) == 1 && w.stride(0) == w.size(1),
+              "f32_mv: N and K multiples of 16, w contiguous");
+  const int64_t N = w.size(0), K = w.size(1);
+  const at::Tensor x = x_in.contiguous();  // (a (1, K) view is contiguous whatever its first stride)
+  at::Tensor y = at::empty({1, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 65536 / (16 * K * 4));
+  at::parallel_for(0, N / 16, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* rows = wp + b * 16 * K;
+      __m512 acc[16];
+      for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) {
+        const __m512 xv = _mm512_loadu_ps(xp + k);
+        for (int r = 0; r < 16; ++r) {
+          acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(rows + r * K + k), xv, acc[r]);
+        }
+      }
+      _mm512_storeu_ps(yp + b * 16, sum16(acc));
+    }
+  });
+  return y;
+}
+
 // softmax(q k^T / sqrt(D) + mask) v for q (B, H, 1, D) against k, v (B, Hkv, L, D) (views of a KV cache: any
 // strides with contiguous rows), valid (B, L) bool. Query head h reads KV head h / R (R = H / Hkv), as SDPA's
 // enable_gqa does. Parallel over (row, KV head, chunk of 64 positions); the chunks' partial softmaxes are then
@@ -494,6 +533,7 @@ TORCH_LIBRARY(smollm2, m) {
   m.def("q4_mm(Tensor x, Tensor codes, Tensor d, Tensor z, int N) -> Tensor");
   m.def("q8_mm(Tensor x, Tensor codes, Tensor d, int N) -> Tensor");
   m.def("bf16_mm(Tensor x, Tensor w, int N) -> Tensor");
+  m.def("f32_mv(Tensor x, Tensor w) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor valid) -> Tensor");
 }
 
@@ -501,6 +541,7 @@ TORCH_LIBRARY_IMPL(smollm2, CPU, m) {
   m.impl("q4_mm", &q4_mm);
   m.impl("q8_mm", &q8_mm);
   m.impl("bf16_mm", &bf16_mm);
+  m.impl("f32_mv", &f32_mv);
   m.impl("decode_attention", &decode_attention);
 }
 """
@@ -578,6 +619,10 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, w: torch.Tensor, N: int) -> torch.Tensor:
         return x.new_empty(x.shape[0], N)
 
+    @torch.library.register_fake("smollm2::f32_mv")
+    def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(1, w.shape[0])
+
     @torch.library.register_fake("smollm2::decode_attention")
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return q.new_empty(q.shape)
@@ -623,6 +668,12 @@ def shapes_supported(out_features: int, in_features: int) -> bool:
 
 def bf16_shapes_supported(out_features: int, in_features: int) -> bool:
     return out_features % ROWS == 0 and in_features % 8 == 0
+
+
+def f32_mv_fits(weight: torch.Tensor) -> bool:
+    """Whether `torch.ops.smollm2.f32_mv` takes this nn.Linear weight (float32, contiguous, 16 | N and K)."""
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.is_contiguous() and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0)
 
 
 def decode_attention_supported(n_head: int, n_kv_head: int, head_dim: int, dtype: torch.dtype,

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from smollm2 import kernels
 from smollm2.config import Config
 from smollm2.fast import BUCKET, FastDecoder, bucketed_length
 from smollm2.generate import decode_step, prefill
@@ -50,8 +51,10 @@ def test_bucketed_length() -> None:
 def test_eager_fast_step_equals_the_model(tiny_config: Config) -> None:
     model = tiny_model(tiny_config)
     prompts = torch.randint(0, tiny_config.vocab_size, (1, 7))
+    fast = FastDecoder(model, compile=False)
+    assert fast._f32_kernel == kernels.available()  # float32 linears through our kernel where it is built
     # 7 + 120 positions: three buckets, the last one ending exactly at the cache's end
-    assert run_both(model, FastDecoder(model, compile=False), prompts, 128) < 1e-5
+    assert run_both(model, fast, prompts, 128) < 1e-5
 
 
 def test_eager_fast_step_with_left_padding(tiny_config: Config) -> None:
@@ -111,8 +114,6 @@ def test_fast_step_on_a_quantised_model(tiny_config: Config, mode: str) -> None:
 def test_fast_step_with_our_attention_kernel(tiny_config: Config) -> None:
     """With head_dim 64 the step attends with our kernel (kernels.py) where it is built: eager and compiled,
     with a left-padded row, the plain model's logits to float rounding."""
-    from smollm2 import kernels
-
     if not kernels.available():
         pytest.skip("smollm2's kernels are not built here (python -m smollm2.kernels)")
     config = dataclasses.replace(tiny_config, hidden_size=256)  # head_dim 64

@@ -168,6 +168,22 @@ def test_bf16_kernel_matches_float_maths(rows: int) -> None:
     assert torch.equal(layer.rows(32, 64)(x), y[:, 32:64])
 
 
+def test_f32_mv_kernel_matches_torch() -> None:
+    """The float32 one-row product on nn.Linear's own weights, whatever the strides of a (1, K) input."""
+    vnni_or_skip()
+    from smollm2 import kernels
+
+    w, x = torch.randn(96, 576), torch.randn(1, 576)
+    assert kernels.f32_mv_fits(w)
+    torch.testing.assert_close(torch.ops.smollm2.f32_mv(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    zero_stride = x.as_strided((1, 576), (0, 1))  # as inductor lays such a row out
+    assert torch.equal(torch.ops.smollm2.f32_mv(zero_stride, w), torch.ops.smollm2.f32_mv(x, w))
+    for unfit in (torch.randn(8, 576), torch.randn(96, 40), w.to(torch.bfloat16), torch.randn(576, 96).T):
+        assert not kernels.f32_mv_fits(unfit)
+    with pytest.raises(RuntimeError, match=r"f32_mv: x \(1, K\) and w \(N, K\)"):
+        torch.ops.smollm2.f32_mv(torch.randn(2, 576), w)
+
+
 def sdpa_reference(q, k, v, valid):
     mask = valid[:, None, None, :]
     return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
