@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from . import kernels
 from .kv_cache import KVCache
 from .model import SmolLM2, apply_rope
+from .quantize import PACKED
 
 BUCKET = 64  # attention length granularity, in cache positions
 
@@ -199,7 +200,10 @@ class FastDecoder:
                 )  # (B, n_head, 1, hd)
             x = x + self._linear(attn.o_proj, y.transpose(1, 2).reshape(B, 1, attn.n_head * attn.head_dim))
             x = x + self._mlp(block.mlp, block.post_attention_layernorm(x))
-        return self._linear(self.model.lm_head, model.norm(x)[:, -1])  # (B, vocab)
+        h, head = model.norm(x)[:, -1], self.model.lm_head
+        if isinstance(head, PACKED):  # our kernels take a float32 row and then give float32 logits, which
+            h = h.float()             # picking the next token (argmax) reads twice as fast as bf16 ones here
+        return self._linear(head, h)  # (B, vocab)
 
     def _mlp(self, mlp: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
         if getattr(mlp, "gate_up_proj", None) is None:
