@@ -14,9 +14,10 @@ minutes: every configuration sees the same drift, so the ratios between them hol
   decode    tokens/s over --new-tokens greedy one-token steps (batch 1) after the prompt
   RSS       the process's peak resident memory (VmHWM): "run" after loading (warm-up, compiling and the
             timed runs), "peak" over the whole process (loading converts float weights, so it peaks there)
-Every number is the median of the --repeats timed runs, after a warm-up run (which also compiles). The parent also
-measures the memory bandwidth (reading a 512 MiB tensor), and reports for each of our modes the decode limit
-that bandwidth sets, bandwidth / bytes of weights read per token, and how close the mode comes to it.
+Every number is the median of the --repeats timed runs, after a warm-up run (which also compiles). The parent
+also measures the memory bandwidth (a matrix-vector product over a 512 MiB matrix), and reports for each of
+our modes the decode limit that bandwidth sets, bandwidth / bytes of weights read per token, and how close
+the mode comes to it.
 
 All configurations decode greedily from the same prompt, so their token ids are comparable: the table says
 how many leading new tokens match transformers fp32's (or our fp32's when transformers is not run), and
@@ -366,25 +367,36 @@ def peers_available() -> dict[str, bool]:
 
 class Worker:
     """A configuration's process, driven line by line (see _serve). Its stderr goes to a temporary file, read
-    back only to explain a failure (a pipe could fill up and block it)."""
+    back only to explain a failure (a pipe could fill up and block it). A worker still running `timeout`
+    seconds after it started is killed (a hung configuration must not hang the whole benchmark)."""
 
-    def __init__(self, spec: dict) -> None:
+    def __init__(self, spec: dict, timeout: float = 3600) -> None:
         import tempfile
+        import threading
 
-        self.spec = spec
+        self.spec, self.timeout, self.timed_out = spec, timeout, False
         self.stderr = tempfile.TemporaryFile(mode="w+")
         cmd = [sys.executable, "-m", "smollm2.bench", "--worker", json.dumps(spec)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
                                      text=True)
+        self._watchdog = threading.Timer(timeout, self._time_out)
+        self._watchdog.daemon = True
+        self._watchdog.start()
         self._expect("ready")
+
+    def _time_out(self) -> None:
+        self.timed_out = True
+        self.proc.kill()
 
     def _line(self) -> str:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
+            self._watchdog.cancel()
             self.stderr.seek(0)
             tail = "\n".join(self.stderr.read().strip().splitlines()[-15:])
-            raise RuntimeError(f"benchmark worker {self.spec} failed (exit {self.proc.returncode}):\n{tail}")
+            why = f"timed out after {self.timeout:g} s" if self.timed_out else f"exit {self.proc.returncode}"
+            raise RuntimeError(f"benchmark worker {self.spec} failed ({why}):\n{tail}")
         return line.strip()
 
     def _expect(self, word: str) -> None:
@@ -402,10 +414,11 @@ class Worker:
     def finish(self) -> Result:
         result = Result(**self.ask("done"))
         self.proc.wait()
-        self.stderr.close()
+        self.kill()
         return result
 
     def kill(self) -> None:
+        self._watchdog.cancel()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

@@ -78,6 +78,14 @@ def test_a_failing_worker_is_reported(tmp_path: Path) -> None:
                   repeats=1, compile=False)
 
 
+def test_a_hung_worker_is_killed_and_reported() -> None:
+    from smollm2.bench import Worker
+
+    spec = dict(kind="ours", source=None, mode="none", prompt_len=4, new_tokens=2, compile=False)
+    with pytest.raises(RuntimeError, match=r"failed \(timed out after 0.2 s\)"):
+        Worker(spec, timeout=0.2)  # (importing torch alone takes longer)
+
+
 def test_bench_rejects_unknown_modes(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(["bench", "--modes", "int3"])
