@@ -27,6 +27,7 @@ from .config import Config
 from .gguf import TENSOR_NAMES, config_from_gguf, read_gguf, tokenizer_from_gguf, unpermute_qk
 from .model import SmolLM2
 from .tokenizer import Tokenizer
+from .weights import expected_shapes
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +64,19 @@ def load_int4(path: Path) -> tuple[SmolLM2, Tokenizer] | None:
     reader = read_gguf(path)
     config = config_from_gguf(reader, path)
     tensors = {t.name: t for t in reader.tensors}
-    expected = {n.format(i=i) for n in TENSOR_NAMES for i in range(config.num_hidden_layers)}
-    if not set(tensors) <= expected:
-        return None  # e.g. rope_freqs: the general path names what it does not support
+    # llama.cpp's name -> the original's key, for every tensor this config has (output.weight only if untied)
+    keys = {name.format(i=i): key.format(i=i) for name, key in TENSOR_NAMES.items()
+            for i in range(config.num_hidden_layers)}
+    shapes = expected_shapes(config)
+    if {keys.get(name) for name in tensors} != set(shapes) or any(
+            _shape(t) != shapes[keys[name]] for name, t in tensors.items()):
+        return None  # missing, unexpected (rope_freqs, ...) or mis-shaped tensors: the general path names them
     linear_names = [n for n in TENSOR_NAMES if n.startswith("blk.") and not n.endswith("norm.weight")]
-    head = tensors.get("output.weight", tensors.get("token_embd.weight"))
-    blocks = [tensors.get(n.format(i=i)) for i in range(config.num_hidden_layers) for n in linear_names]
-    if head is None or any(t is None or t.tensor_type != Q.Q4_1 or not kernels.shapes_supported(
-            int(t.shape[1]), int(t.shape[0])) for t in blocks) or not kernels.shapes_supported(*_shape(head)):
-        return None  # the general path reports what is wrong with such a file, or handles it
+    head = tensors.get("output.weight", tensors["token_embd.weight"])
+    blocks = [tensors[n.format(i=i)] for i in range(config.num_hidden_layers) for n in linear_names]
+    if any(t.tensor_type != Q.Q4_1 or not kernels.shapes_supported(*_shape(t)) for t in blocks) \
+            or not kernels.shapes_supported(*_shape(head)):
+        return None  # other block types, or widths our kernels do not take: dequantised and quantised again
 
     def q4_parts(name: str, n_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         codes, d, m = q4_1_blocks(tensors[name].data, _shape(tensors[name])[0])
