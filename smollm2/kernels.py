@@ -54,7 +54,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-NAME = "smollm2_vnni_v20"  # bump when the source changes: the build cache is keyed by name
+NAME = "smollm2_vnni_v21"  # bump when the source changes: the build cache is keyed by name
 ROWS = 16  # output rows per packed block: one 512-bit register of int32 accumulators
 GROUP = 32  # input channels per activation (and q4 weight) scale
 
@@ -158,8 +158,8 @@ inline void q4_tile(const uint8_t* c, const at::Half* d, const at::Half* z, cons
 
 // q8: codes [N/16][G][8][64] bytes (code + 128), d [N/16][G][16] fp16 (llama.cpp's Q8_0: w = d * code).
 template <int MR>
-inline void q8_tile(const uint8_t* c, const at::Half* d, const at::Half* /*unused*/, const Acts& a, int64_t m0,
-                    int64_t K, int64_t G, __m512* acc) {
+inline void q8_tile(const uint8_t* c, const at::Half* d, const Acts& a, int64_t m0, int64_t K, int64_t G,
+                    __m512* acc) {
   const int8_t* xq = a.xq.data() + m0 * K;
 #pragma GCC unroll 4
   for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
@@ -204,11 +204,11 @@ void run_blocks(const Acts& a, const uint8_t* codes, const at::Half* d, const at
       const at::Half* zz = z ? z + rb * G * 16 : nullptr;
       int64_t m = 0;
       for (; m + MR <= M; m += MR) {
-        if constexpr (IS_Q4) q4_tile<MR>(c, dd, zz, a, m, K, G, acc); else q8_tile<MR>(c, dd, zz, a, m, K, G, acc);
+        if constexpr (IS_Q4) q4_tile<MR>(c, dd, zz, a, m, K, G, acc); else q8_tile<MR>(c, dd, a, m, K, G, acc);
         for (int r = 0; r < MR; ++r) store16(y + (m + r) * N + rb * 16, acc[r]);
       }
       for (; m < M; ++m) {
-        if constexpr (IS_Q4) q4_tile<1>(c, dd, zz, a, m, K, G, acc); else q8_tile<1>(c, dd, zz, a, m, K, G, acc);
+        if constexpr (IS_Q4) q4_tile<1>(c, dd, zz, a, m, K, G, acc); else q8_tile<1>(c, dd, a, m, K, G, acc);
         store16(y + m * N + rb * 16, acc[0]);
       }
     }
