@@ -166,6 +166,10 @@ def test_bf16_kernel_matches_float_maths(rows: int) -> None:
     assert torch.equal(layer(x.float()).float(), y.float())  # float input: rounded to bf16 first
     assert all(torch.equal(y[i], layer(x[i : i + 1])[0]) for i in range(rows))  # 4-row tiles = one by one
     assert torch.equal(layer.rows(32, 64)(x), y[:, 32:64])
+    with pytest.raises(RuntimeError, match="smollm2 bf16_mm: bad shapes"):
+        torch.ops.smollm2.bf16_mm(torch.randn(2, 100), layer.weight, 96)  # 100 inputs: not a multiple of 8
+    with pytest.raises(RuntimeError, match="bf16_mm: weights do not match"):
+        torch.ops.smollm2.bf16_mm(x, layer.weight, 80)
 
 
 def test_f32_mv_kernel_matches_torch() -> None:
