@@ -1,7 +1,7 @@
 """The chat page as a Hugging Face Space runs it: `python app.py`.
 
 Loads the bundled SmolLM2-135M-Instruct weights and serves the chat page (`/`) and the OpenAI-compatible API
-(`/v1`) with smollm2/serve.py. On a Space (where the SPACE_ID environment variable is set) it binds
+(`/v1`) with smollm2/serve/. On a Space (where the SPACE_ID environment variable is set) it binds
 0.0.0.0:7860, the address and port a Space exposes; anywhere else it binds 127.0.0.1:7860, so running it on a
 laptop does not open it to the network. HOST, PORT, SMOLLM2_API_KEY and SMOLLM2_QUANTIZE (none, bf16, int8,
 int4: default int4) override the defaults.

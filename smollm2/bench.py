@@ -27,7 +27,6 @@ The last line printed is the whole result as JSON (nanochat's infer_bench conven
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -42,8 +41,9 @@ from pathlib import Path
 
 import torch
 
-OUR_MODES = ("none", "bf16", "int8", "int4")
-PEERS = ("transformers", "llama.cpp")
+from .defaults import BENCH_PEERS as PEERS
+from .defaults import QUANTIZE_MODES as OUR_MODES
+
 # A public-domain paragraph (Dickens, A Tale of Two Cities), repeated to the prompt length.
 PROMPT_TEXT = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
@@ -203,44 +203,33 @@ class Configuration:
 
 def bench_ours(source: str | None, mode: str, prompt_len: int, new_tokens: int, compile: bool = True,
                device: str = "cpu") -> Configuration:
-    """Our model in `mode` (see quantize.py), decoding with the compiled FastDecoder."""
-    from .fast import FastDecoder
-    from .generate import prefill
-    from .kv_cache import KVCache
+    """Our model in `mode` (see quantize.py) through the library's own fast path: `load(quantize=mode,
+    compile=compile)` and `generate()`, exactly what a user of the README's example runs."""
+    from .generate import generate
     from .loading import load
     from .quantize import weight_bytes_per_token
 
     t = time.perf_counter()
-    model, tokenizer = load(source, device=device, quantize=mode)
+    model, tokenizer = load(source, device=device, quantize=mode, compile=compile)
     _sync(device)
     load_s = time.perf_counter() - t
     peak_load_mb = peak_rss_mb()
     reset_peak_rss()  # from here on: what running needs (loading peaks while float weights are converted)
-    ids = torch.tensor([prompt_ids(tokenizer, prompt_len)], device=device)
-    dtype = next(model.parameters()).dtype
-    decoder = FastDecoder(model, compile=compile)
-    plain = FastDecoder(model, compile=False)
+    ids = prompt_ids(tokenizer, prompt_len)
 
-    def run_once(step=decoder) -> Run:
+    def run_once() -> Run:
         t0 = time.perf_counter()
-        cache = KVCache(model.config, 1, prompt_len + new_tokens, dtype=dtype, device=device)
-        logits = prefill(model, ids, cache)
-        token = logits.argmax(-1, keepdim=True)  # (1, 1)
-        tokens = [int(token)]
+        stream = generate(model, ids, max_new_tokens=new_tokens, ignore_eos=True)
+        tokens = [next(stream)]  # the prefill and the first token
         _sync(device)
         t1 = time.perf_counter()
-        for i in range(new_tokens - 1):
-            logits = step(model, token, cache, prompt_len + i)
-            token = logits.argmax(-1, keepdim=True)
-            tokens.append(int(token))  # what a generator does every step: hand the token over
+        tokens.extend(stream)  # new_tokens - 1 decode steps
         _sync(device)
         t2 = time.perf_counter()
         return t1 - t0, t1 - t0, t2 - t1, tokens
 
-    # The warm-up run compiles; compile time = its decode time beyond a plain (eager) decode.
-    first = run_once()
-    eager = run_once(plain) if compile else first
-    compile_s = max(0.0, first[2] - eager[2]) if compile else 0.0
+    run_once()  # the warm-up run; with compile, its first decode step compiles
+    compile_s = model.compiled_step.compile_seconds if compile else 0.0
     name = {"none": "ours fp32"}.get(mode, f"ours {mode}") + ("" if compile else " (eager)")
     return Configuration(name, mode, run_once, load_s, compile_s, peak_load_mb, weight_bytes_per_token(model),
                          prefill_flops_per_token(model.config, prompt_len))
@@ -558,20 +547,17 @@ def format_table(report: dict):  # -> rich.table.Table
     return table
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="SmolLM2 inference benchmark (see smollm2 bench --help)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args, rest = parser.parse_known_args(argv)
-    if args.worker:
-        torch.manual_seed(0)
-        _serve(json.loads(args.worker))
-        return 0
-    from .commands.bench import add_arguments, run
-
-    parser = argparse.ArgumentParser(prog="python -m smollm2.bench")
-    add_arguments(parser)
-    return run(parser.parse_args(rest))
+def worker_main(spec: str) -> int:
+    """One configuration's process (see Worker): `python -m smollm2.bench --worker SPEC`, SPEC a JSON object."""
+    torch.manual_seed(0)
+    _serve(json.loads(spec))
+    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    if sys.argv[1:2] == ["--worker"] and len(sys.argv) == 3:
+        raise SystemExit(worker_main(sys.argv[2]))
+    # Anything else is `smollm2 bench` (its options are parsed in smollm2/commands/bench.py).
+    from smollm2.cli import main
+
+    raise SystemExit(main(["bench", *sys.argv[1:]]))

@@ -1,5 +1,8 @@
 """The `smollm2` command line: one subcommand per module in smollm2/commands/, each with
-`add_arguments(parser)` and `run(args) -> int`. This file only wires them together."""
+`add_arguments(parser)` and `run(args) -> int`. This file only wires them together.
+
+Building the parsers imports no torch: a command module imports the library inside run(), and the defaults its
+options show come from smollm2/defaults.py, so `smollm2 --help` is instant (tests/test_cli.py)."""
 
 from __future__ import annotations
 

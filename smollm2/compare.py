@@ -39,18 +39,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .kv_cache import KVCache
+from .defaults import COMPARE_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
+from .defaults import COMPARE_PROMPTS as DEFAULT_PROMPTS
+from .defaults import COMPARE_TOLERANCE as DEFAULT_TOLERANCE
+from .generate import decode_step, generate
 from .model import SmolLM2
 from .tokenizer import Tokenizer
 
-DEFAULT_PROMPTS = (
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Gravity is the force that",
-    "Once upon a time, in a small village,",
-)
-DEFAULT_MAX_NEW_TOKENS = 20
-DEFAULT_TOLERANCE = 1e-4
 TOP_K = 5
 
 # Config fields that describe the computation: a difference here would change the outputs. The others
@@ -350,20 +345,15 @@ def transformers_forward(model: nn.Module, ids: torch.Tensor) -> tuple[list[torc
 
 @torch.no_grad()
 def greedy_ours(model: SmolLM2, ids: Sequence[int], max_new_tokens: int, eos_id: int | None) -> list[int]:
-    """Greedy decoding with our static KV cache: prefill the prompt, then feed one token at a time."""
+    """Greedy decoding with our static KV cache and the eager step (the exact maths), up to and including
+    eos_id, as transformers' generate returns it."""
     if max_new_tokens <= 0:
         return []
-    device = model.lm_head.weight.device
-    cache = KVCache(model.config, 1, len(ids) + max_new_tokens, model.lm_head.weight.dtype, device)
-    x, start, out = torch.tensor([list(ids)], device=device), 0, []
-    for _ in range(max_new_tokens):
-        h = model.hidden(x, cache=cache, start=start)[:, -1]  # (1, hidden): only the last position's logits
-        token = int(model.lm_head(h).argmax(-1))
+    out = []
+    for token in generate(model, list(ids), max_new_tokens=max_new_tokens, ignore_eos=True, step=decode_step):
         out.append(token)
         if token == eos_id:
             break
-        start += x.shape[1]
-        x = torch.tensor([[token]], device=device)
     return out
 
 

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from .defaults import MIN_VAL_DOCUMENTS, VAL_FRACTION
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,6 @@ DTYPE = np.dtype("<u2")  # uint16, little-endian: every SmolLM2 id (< 49152) fit
 EOT_TOKEN = "<|endoftext|>"
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
-MIN_VAL_DOCUMENTS = 10  # hold out whole documents once this many would be held out
 BLOCK_BYTES = 1 << 22  # read 4 MiB of text at a time
 PIECE_CHARS = 1 << 16  # encode ~64k-character pieces, several at once (tokenizers runs a batch in parallel)
 PROGRESS_MIN_BYTES = 1 << 20  # no progress bar for inputs under 1 MiB
@@ -227,7 +227,7 @@ def prepare(
     input_path: str | Path,
     out_dir: str | Path,
     *,
-    val_fraction: float = 0.1,
+    val_fraction: float = VAL_FRACTION,
     tokenizer: Tokenizer | None = None,
     tokenizer_source: str | Path | None = None,
     force: bool = False,

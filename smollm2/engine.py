@@ -21,35 +21,29 @@ own columns (`attention_mask`, 1 = this row's token), and its RoPE positions cou
   * a request is placed only when every active row, itself included, can run to its max_new_tokens within
     the cache, so a step never runs out of room; otherwise it waits for rows to finish.
 
-Greedy (temperature 0) results equal those of `generate.generate` for the same request alone, up to float
-rounding of batched matmuls (tests/test_serve.py checks token-for-token equality). Sampling draws from one
-torch.Generator per request, seeded like generate.py's, so a seed reproduces a sampled reply.
+Each request is a `stopping.SequenceState`, as each row of `generate` is: the same stop tokens, stop strings,
+length limit, streamed text and repetition penalty. Greedy (temperature 0) results equal those of
+`generate.generate` for the same request alone, up to float rounding of batched matmuls (tests check
+token-for-token equality). Sampling draws from one torch.Generator per request, seeded like generate's, so a
+seed reproduces a sampled reply.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from .generate import (
-    GenerationConfig,
-    StepFn,
-    TextDecoder,
-    check_int,
-    decode_step,
-    make_generator,
-    stop_token_ids,
-)
+from .defaults import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
+from .generate import GenerationConfig, StepFn, check_int, step_for, stop_token_ids
 from .kv_cache import KVCache, LayerCache
-from .sampling import sample
+from .stopping import SequenceState, next_tokens
 
 if TYPE_CHECKING:
     from .model import SmolLM2
@@ -61,43 +55,35 @@ log = logging.getLogger(__name__)
 # ("error", str) generation failed. Called on the engine's thread: it must return quickly and not block.
 OnEvent = Callable[[str, object], None]
 
-# Requests decoded together. On the shared 2-core dev machine, 64 streams of 64 tokens (benchmarks/load_test.py)
-# ran at 41 tokens/s in total with 16 rows, 53 with 32 and 66 with 64; but each row costs KV-cache memory
-# (46 KB per token in fp32), so 32 full 8k contexts would take 12 GB.
-DEFAULT_MAX_BATCH = 32
-DEFAULT_MAX_QUEUE = 64  # requests that may wait for a row before new ones get 429
+# Requests decoded together (DEFAULT_MAX_BATCH) and waiting for a row before new ones get 429 (DEFAULT_MAX_QUEUE),
+# in defaults.py. On the shared 2-core dev machine, 64 streams of 64 tokens (benchmarks/load_test.py) ran at 41
+# tokens/s in total with 16 rows, 53 with 32 and 66 with 64; but each row costs KV-cache memory (46 KB per token
+# in fp32), so 32 full 8k contexts would take 12 GB.
 
 
 class QueueFull(Exception):
     """Every slot is busy and the waiting line is full: the server answers 429."""
 
 
-@dataclass(eq=False)
-class Job:
-    """One request. The fields after `on_event` belong to the engine thread; read them after "done"."""
+class Job(SequenceState):
+    """One request: its SequenceState (prompt, new ids, text, finish reason), its consumer and its timing.
 
-    prompt_ids: list[int]
-    config: GenerationConfig
-    on_event: OnEvent
-    new_ids: list[int] = field(default_factory=list)  # generated ids, stop and end-of-sequence tokens excluded
-    finish_reason: str | None = None  # "stop" or "length"; None while running or if cancelled
-    cancelled: bool = False  # set by Engine.cancel from any thread; the engine drops the job at its next step
-    submitted_at: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    # engine state
-    stop_ids: frozenset[int] = frozenset()
-    decoder: TextDecoder | None = None
-    generator: torch.Generator | None = None
-    begin: int = 0  # the cache column of the first prompt token, once the job has a row
+    The state belongs to the engine thread; read it after "done". `cancelled` may be set from any thread
+    (Engine.cancel): the engine drops the job at its next step, and its finish_reason stays None.
+    """
+
+    def __init__(self, prompt_ids: list[int], config: GenerationConfig, on_event: OnEvent, *,
+                 stop_ids: frozenset[int], tokenizer: Tokenizer, device: torch.device, vocab_size: int) -> None:
+        super().__init__(prompt_ids, config, stop_ids, tokenizer, device, vocab_size)
+        self.on_event = on_event
+        self.cancelled = False
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.begin = 0  # the cache column of the first prompt token, once the job has a row
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None or self.cancelled
-
-    @property
-    def remaining(self) -> int:
-        """Decode steps this job may still need: one per token still to generate."""
-        return self.config.max_new_tokens - len(self.new_ids)
 
 
 @dataclass
@@ -115,7 +101,8 @@ class Engine:
     max_batch: requests decoded together (cache rows). max_queue: requests that may wait for a row; beyond
     that `submit` raises QueueFull at once. context_length: the longest prompt + max_new_tokens accepted
     (default: the model's). prefill_chunk: prompt tokens prefilled per turn, between two decode steps.
-    step: the decode step function (`generate.decode_step` or a compiled drop-in for it).
+    step: the decode step (a generate.StepFn); None = the model's compiled step where `load(compile=True)` made
+    one, else `generate.decode_step`.
     """
 
     def __init__(
@@ -127,7 +114,7 @@ class Engine:
         max_queue: int = DEFAULT_MAX_QUEUE,
         context_length: int | None = None,
         prefill_chunk: int = 256,
-        step: StepFn = decode_step,
+        step: StepFn | None = None,
     ) -> None:
         limit = model.config.max_position_embeddings
         for name, value, minimum in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
@@ -135,7 +122,7 @@ class Engine:
             check_int(name, value, minimum=minimum)
         if context_length is not None and not 2 <= context_length <= limit:
             raise ValueError(f"context_length must be between 2 and the model's {limit}, got {context_length}")
-        self.model, self.tokenizer, self.step = model, tokenizer, step
+        self.model, self.tokenizer, self.step = model, tokenizer, step_for(model, step)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.context_length = context_length or limit
         param = next(model.parameters())
@@ -178,12 +165,8 @@ class Engine:
         if len(prompt) + config.max_new_tokens > self.context_length:
             raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens={config.max_new_tokens} exceeds "
                              f"the context length of {self.context_length}")
-        if config.repetition_penalty != 1.0:
-            raise ValueError("repetition_penalty is not supported by the batching engine")
-        job = Job(prompt, config, on_event)
-        job.stop_ids = frozenset(stop_token_ids(config, self.model, self.tokenizer))
-        job.decoder = TextDecoder(self.tokenizer, config.stop_strings)
-        job.generator = make_generator(config, self.device)
+        job = Job(prompt, config, on_event, stop_ids=frozenset(stop_token_ids(config, self.model, self.tokenizer)),
+                  tokenizer=self.tokenizer, device=self.device, vocab_size=self.model.config.vocab_size)
         with self._wake:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -260,12 +243,11 @@ class Engine:
         if start < P:
             end = min(P, start + budget)
             ids = torch.tensor([job.prompt_ids[start:end]], device=self.device)  # (1, chunk)
-            h = self.model.hidden(ids, cache=p.cache, start=start)
+            logits = self.model(ids, cache=p.cache, start=start, output="last_logits")  # (1, vocab)
             p.filled = end
             if end < P:
                 return end - start
-            logits = self.model.lm_head(h[:, -1])  # (1, vocab)
-            self._advance(job, self._sample(job, logits))
+            self._advance(job, job.next_token(logits))
             if job.done:
                 self._prefill = None
                 return end - start
@@ -309,43 +291,26 @@ class Engine:
         self._mask[:n, T] = True
         logits = self.step(self.model, tokens, self._view(n), T, positions, self._mask[:n, : T + 1])  # (n, V)
         self._T = T + 1
-        greedy = logits.argmax(dim=-1).tolist()  # one call for all temperature-0 rows
-        for i, job in enumerate(self._rows):
-            if job.cancelled:
-                continue
-            token = greedy[i] if job.config.temperature == 0 else self._sample(job, logits[i : i + 1])
-            self._advance(job, token)
+        for job, token in zip(self._rows, next_tokens(self._rows, logits), strict=True):
+            if not job.cancelled:
+                self._advance(job, token)
         for i in reversed(range(n)):
             if self._rows[i].done:
                 if self._rows[i].cancelled:
                     self.counters["cancelled"] += 1
                 self._release(i)
 
-    def _sample(self, job: Job, logits: torch.Tensor) -> int:
-        c = job.config
-        return int(sample(logits, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, min_p=c.min_p,
-                          generator=job.generator)[0])
-
     def _advance(self, job: Job, token: int) -> None:
-        """Record a job's new token: emit its text, and finish the job on a stop token, stop string or length."""
+        """Record a job's new token (SequenceState.push): emit its text, and "done" when the job finished."""
         if job.first_token_at is None:
             job.first_token_at = time.perf_counter()
-        if token in job.stop_ids:
-            self._finish(job, "stop")
-            return
-        job.new_ids.append(token)
-        self.counters["generated_tokens"] += 1
-        self._emit(job, "text", job.decoder.push(token))
-        if job.decoder.stopped:
-            self._finish(job, "stop")
-        elif job.remaining == 0:
-            self._finish(job, "length")
-
-    def _finish(self, job: Job, reason: str) -> None:
-        self._emit(job, "text", job.decoder.flush())
-        job.finish_reason = reason
-        self.counters["completed"] += 1
-        self._emit(job, "done", reason)
+        kept = len(job.new_ids)
+        text = job.push(token)
+        self.counters["generated_tokens"] += len(job.new_ids) - kept
+        self._emit(job, "text", text)
+        if job.finish_reason is not None:
+            self.counters["completed"] += 1
+            self._emit(job, "done", job.finish_reason)
 
     def _emit(self, job: Job, kind: str, value: object) -> None:
         if kind == "text" and not value:
@@ -376,10 +341,7 @@ class Engine:
         compiled decode step can then reuse what it marked or captured for them.
         """
         if n not in self._views:
-            view = copy.copy(self._cache)
-            view.layers = [LayerCache(layer.k[:n], layer.v[:n]) for layer in self._cache.layers]
-            view.batch_size = n
-            self._views[n] = view
+            self._views[n] = KVCache.from_layers([LayerCache(layer.k[:n], layer.v[:n]) for layer in self._cache.layers])
         return self._views[n]
 
     def _release(self, i: int) -> None:

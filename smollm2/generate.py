@@ -11,44 +11,49 @@ token, a stop token id, a stop string or after max_new_tokens; the stream's `fin
 "length", as OpenAI's API does. Stop tokens are not yielded; the token that completes a stop string is (it may
 carry text before the stop string), and the text helpers cut the text at the stop string.
 
-The per-token work is `decode_step`, one function with fixed arguments, so that a compiled version can replace
-it (gpt-fast compiles exactly this step). Only the last position's logits are computed: the output projection
-is the largest matmul of the model (576 x 49152), and a prefill needs it for one position, not all.
+Each row's state (its tokens, text, random generator, penalty and finish reason) is a `stopping.SequenceState`,
+the same one the batching engine keeps per request. The per-token work is a `StepFn`: `decode_step`, the
+model's forward for one token, or `fast.DecodeStep`, the same forward compiled, which `load(compile=True)`
+attaches to the model (`model.compiled_step`) and every function here then uses. Only the last position's
+logits are computed: the output projection is the largest matmul of the model (576 x 49152), and a prefill
+needs it for one position, not all.
 """
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import math
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import torch
 
 from .config import Config
+from .defaults import MAX_NEW_TOKENS, MIN_P, REPETITION_PENALTY, TEMPERATURE, TOP_K, TOP_P  # (--help shows them)
 from .kv_cache import KVCache
-from .sampling import apply_repetition_penalty, sample
+from .stopping import SequenceState, TextDecoder, decode_text, make_generator, next_tokens, stop_prefix_length
 
 if TYPE_CHECKING:
     from .model import SmolLM2
     from .tokenizer import Tokenizer
 
 Item = TypeVar("Item")
-StepFn = Callable[..., torch.Tensor]  # decode_step's signature: (model, token_ids, cache, start, positions, mask)
+__all__ = ["GenerationConfig", "Stream", "StepFn", "TextDecoder", "chat", "decode_step", "decode_text", "generate",
+           "generate_batch", "make_generator", "prefill", "stop_prefix_length", "stream_text"]
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Every generation option, with its one default. Invalid values raise ValueError on construction."""
+    """Every generation option. Invalid values raise ValueError on construction. (The defaults live in
+    defaults.py, where `--help` reads them without importing torch.)"""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy (argmax); otherwise logits are divided by it before sampling
-    top_k: int = 0  # keep the k most likely tokens; 0 = off
-    top_p: float = 1.0  # keep the most likely tokens up to this total probability; 1 = off
-    min_p: float = 0.0  # keep tokens at least min_p times as likely as the best one; 0 = off
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output; 1 = off
+    max_new_tokens: int = MAX_NEW_TOKENS
+    temperature: float = TEMPERATURE  # 0 = greedy (argmax); otherwise logits are divided by it before sampling
+    top_k: int = TOP_K  # keep the k most likely tokens; 0 = off
+    top_p: float = TOP_P  # keep the most likely tokens up to this total probability; 1 = off
+    min_p: float = MIN_P  # keep tokens at least min_p times as likely as the best one; 0 = off
+    repetition_penalty: float = REPETITION_PENALTY  # > 1 discourages tokens already in the prompt or output; 1 = off
     seed: int | None = None  # the same seed gives the same tokens; None = a fresh random seed
     stop: tuple[int | str, ...] = ()  # token ids and strings that end generation (strings need a tokenizer)
     eos_ids: tuple[int, ...] | None = None  # None = the model config's eos_token_id and the tokenizer's eos
@@ -181,6 +186,25 @@ class Stream(Generic[Item]):
 # ---- the model calls -----------------------------------------------------------------------------------
 
 
+class StepFn(Protocol):
+    """A decode step: one new token per row (B, 1) at cache position start -> logits (B, vocab) for the token
+    after it. `decode_step` is the eager one; `fast.DecodeStep` runs the same forward compiled.
+
+    positions (B, 1) and attention_mask (B, start + 1) are needed only for left-padded batches; None means
+    position `start` for every row and no padding.
+    """
+
+    def __call__(
+        self,
+        model: SmolLM2,
+        token_ids: torch.Tensor,
+        cache: KVCache,
+        start: int,
+        positions: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor: ...
+
+
 @torch.no_grad()
 def prefill(
     model: SmolLM2,
@@ -190,8 +214,7 @@ def prefill(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the prompts (B, T) through the model, filling cache positions 0..T-1; logits (B, vocab) of the last."""
-    h = model.hidden(input_ids, cache=cache, start=0, positions=positions, attention_mask=attention_mask)
-    return model.lm_head(h[:, -1])  # (B, vocab): left padding puts every row's last real token at T-1
+    return model(input_ids, cache=cache, positions=positions, attention_mask=attention_mask, output="last_logits")
 
 
 @torch.no_grad()
@@ -203,13 +226,16 @@ def decode_step(
     positions: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One new token per row (B, 1) at cache position start; logits (B, vocab) for the token after it.
+    """The eager decode step (a StepFn): the model's forward for one token per row, exactly as loaded."""
+    return model(token_ids, cache=cache, start=start, positions=positions, attention_mask=attention_mask,
+                 output="last_logits")
 
-    positions (B, 1) and attention_mask (B, start + 1) are needed only for left-padded batches; None means
-    position `start` for every row and no padding.
-    """
-    h = model.hidden(token_ids, cache=cache, start=start, positions=positions, attention_mask=attention_mask)
-    return model.lm_head(h[:, -1])
+
+def step_for(model: SmolLM2, step: StepFn | None) -> StepFn:
+    """The decode step to use: the one passed, else the model's compiled one (`load(compile=True)`), else eager."""
+    if step is not None:
+        return step
+    return model.compiled_step if getattr(model, "compiled_step", None) is not None else decode_step
 
 
 # ---- the generation loop -------------------------------------------------------------------------------
@@ -224,33 +250,6 @@ def stop_token_ids(config: GenerationConfig, model: SmolLM2, tokenizer: Tokenize
     else:
         eos = {model.config.eos_token_id, tokenizer.eos_id if tokenizer is not None else None} - {None}
     return eos | set(config.stop_ids)
-
-
-def make_generator(config: GenerationConfig, device: torch.device) -> torch.Generator:
-    """The random generator of one request: seeded with config.seed, or freshly when it is None."""
-    generator = torch.Generator(device=device)
-    if config.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(config.seed)
-    return generator
-
-
-class _StopStrings:
-    """Finds stop strings in each row's generated bytes, keeping only the tail where a new one could end."""
-
-    def __init__(self, strings: Sequence[str], tokenizer: Tokenizer | None, rows: int) -> None:
-        self.patterns = [s.encode("utf-8") for s in strings]  # bytes: a string may end inside a character
-        self.keep = max((len(p) for p in self.patterns), default=1) - 1
-        self.tokenizer, self.tails = tokenizer, [b""] * rows
-
-    def completed(self, row: int, token: int) -> bool:
-        """Whether token completes a stop string in this row."""
-        if not self.patterns:
-            return False
-        tail = self.tails[row] + self.tokenizer.decode_bytes([token])
-        self.tails[row] = tail[len(tail) - self.keep:]
-        return any(p in tail for p in self.patterns)
 
 
 def _left_pad(
@@ -273,67 +272,61 @@ def _left_pad(
     return input_ids, positions, mask
 
 
-def _decode_loop(
-    model: SmolLM2,
-    prompts: list[list[int]],
-    config: GenerationConfig,
-    tokenizer: Tokenizer | None,
-    on_finish: Callable[[int, str], None],
-    step_fn: StepFn,
-) -> Iterator[list[int | None]]:
-    """Yield, per step, each row's new token (None for a row that has finished or stops at this step).
+def start_rows(
+    model: SmolLM2, prompts: list[list[int]], config: GenerationConfig, tokenizer: Tokenizer | None
+) -> list[SequenceState]:
+    """One SequenceState per prompt, with the stop ids of config, the model and the tokenizer."""
+    device = next(model.parameters()).device
+    stop_ids = stop_token_ids(config, model, tokenizer)
+    return [SequenceState(p, config, stop_ids, tokenizer, device, model.config.vocab_size) for p in prompts]
 
-    on_finish(row, reason) is called when a row finishes, before that step's tokens are yielded.
+
+def _decode_loop(model: SmolLM2, rows: list[SequenceState], step_fn: StepFn) -> Iterator[list[tuple[int, str]]]:
+    """Generate for rows (left-padded into one batch) until all have finished; yield, per step, each row's
+    (token, text) pair, (-1, "") for a row that had already finished.
+
+    A row's text is what `SequenceState.push` returned; its token is -1 too when it was a stop token (those are
+    not output). Rows that finish early keep their place in the batch until all have finished.
     """
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
+    prompts = [row.prompt_ids for row in rows]
     B, T = len(prompts), max(len(p) for p in prompts)
-    total = T + config.max_new_tokens
+    steps = max(row.config.max_new_tokens for row in rows)
+    total = T + steps
     pad_id = model.config.pad_token_id or 0  # any id works: padded positions are masked out
     input_ids, positions, mask = _left_pad(prompts, pad_id, total, device)
     lengths = torch.tensor([len(p) for p in prompts], device=device)[:, None]  # (B, 1): first new token's position
     cache = KVCache(model.config, B, total, dtype=dtype, device=device)
 
-    seen = None  # (B, V) bool: the tokens each row has contained, for the repetition penalty
-    if config.repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-        for row, prompt in enumerate(prompts):
-            seen[row, prompt] = True
-    generator = make_generator(config, device)
-    stop_ids = stop_token_ids(config, model, tokenizer)
-    stop_strings = _StopStrings(config.stop_strings, tokenizer, B)
-    done = [False] * B
-
     logits = prefill(model, input_ids, cache, positions, mask[:, :T] if mask is not None else None)
-    for step in range(config.max_new_tokens):
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
-        tokens = sample(logits, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                        min_p=config.min_p, generator=generator)  # (B,)
-        out: list[int | None] = []
-        for row, token in enumerate(tokens.tolist()):
-            if done[row]:
-                out.append(None)
+    for step in range(steps):
+        tokens = next_tokens(rows, logits)  # (a finished row's token is computed and ignored)
+        out = []
+        for row, token in zip(rows, tokens, strict=True):
+            if row.done:
+                out.append((-1, ""))
                 continue
-            is_stop_token = token in stop_ids
-            out.append(None if is_stop_token else token)  # stop tokens are not output
-            if is_stop_token or stop_strings.completed(row, token):
-                reason = "stop"
-            elif step == config.max_new_tokens - 1:
-                reason = "length"
-            else:
-                continue
-            done[row] = True
-            on_finish(row, reason)
+            kept = len(row.new_ids)
+            text = row.push(token)
+            out.append((token if len(row.new_ids) > kept else -1, text))
         yield out
-        if all(done):
+        if all(row.done for row in rows):
             return
-        if seen is not None:
-            seen.scatter_(1, tokens[:, None], True)
         start = T + step  # the cache position of the token just sampled
-        logits = step_fn(model, tokens[:, None], cache, start,
+        logits = step_fn(model, torch.tensor(tokens, device=device)[:, None], cache, start,
                          lengths + step if mask is not None else None,
                          mask[:, : start + 1] if mask is not None else None)
+
+
+def _generate_one(
+    model: SmolLM2, prompt_ids: Sequence[int] | torch.Tensor, tokenizer: Tokenizer | None,
+    config: GenerationConfig, step: StepFn | None,
+) -> tuple[SequenceState, Iterator[tuple[int, str]]]:
+    """The state of one prompt's generation and the iterator of its (token, text) pairs; checked first."""
+    (prompt,) = check_prompts([prompt_ids], config, model.config, tokenizer)
+    (row,) = start_rows(model, [prompt], config, tokenizer)
+    return row, (pair for (pair,) in _decode_loop(model, [row], step_for(model, step)))
 
 
 def generate(
@@ -342,26 +335,24 @@ def generate(
     *,
     tokenizer: Tokenizer | None = None,
     config: GenerationConfig | None = None,
-    step: StepFn = decode_step,
+    step: StepFn | None = None,
     **options: object,
 ) -> Stream[int]:
     """Generate after prompt_ids, yielding each new token id as it is produced.
 
     Options are GenerationConfig fields (they override `config`). tokenizer is needed for stop strings and
-    adds its EOS id to the model config's. step computes one decode step: `decode_step` or a drop-in for it
-    (a compiled one). Everything is checked here, before the first model call.
+    adds its EOS id to the model config's. step computes one decode step; None = the model's compiled step
+    where `load(compile=True)` made one, else `decode_step`. Everything is checked here, before the first
+    model call.
     """
     config = make_config(config, **options)
-    (prompt,) = check_prompts([prompt_ids], config, model.config, tokenizer)
-    stream: Stream[int] = Stream(prompt)
-
-    def finish(row: int, reason: str) -> None:
-        stream.finish_reason = reason
+    row, pairs = _generate_one(model, prompt_ids, tokenizer, config, step)
+    stream: Stream[int] = Stream(row.prompt_ids, row.new_ids)
 
     def items() -> Iterator[int]:
-        for (token,) in _decode_loop(model, [prompt], config, tokenizer, finish, step):
-            if token is not None:
-                stream.new_ids.append(token)
+        for token, _ in pairs:
+            stream.finish_reason = row.finish_reason
+            if token >= 0:
                 yield token
 
     stream._items = items()
@@ -374,87 +365,21 @@ def generate_batch(
     *,
     tokenizer: Tokenizer | None = None,
     config: GenerationConfig | None = None,
-    step: StepFn = decode_step,
+    step: StepFn | None = None,
     **options: object,
 ) -> list[list[int]]:
     """Generate for several prompts at once (left-padded to the longest); the new ids of each prompt.
 
-    With greedy decoding each row gets the tokens it would get alone. Rows that finish early keep their place
-    in the batch until all have finished.
+    Each row gets the tokens it would get alone: greedy, and also sampled with a seed (each row draws from
+    its own generator, seeded alike). Rows that finish early keep their place in the batch until all have
+    finished.
     """
     config = make_config(config, **options)
     checked = check_prompts(prompts, config, model.config, tokenizer)
-    outputs: list[list[int]] = [[] for _ in checked]
-    for tokens in _decode_loop(model, checked, config, tokenizer, lambda row, reason: None, step):
-        for row, token in enumerate(tokens):
-            if token is not None:
-                outputs[row].append(token)
-    return outputs
-
-
-# ---- text ----------------------------------------------------------------------------------------------
-
-
-class TextDecoder:
-    """Token ids in, text out as soon as it is whole: `push(token)` returns the text that became final.
-
-    Byte-level BPE splits characters across tokens ("😀" is three tokens here), so bytes go through an
-    incremental UTF-8 decoder that holds an incomplete character until its last byte arrives. Text that could
-    be the start of a stop string is held back too, until it either completes the stop string (and is
-    dropped) or cannot. `stopped` turns True when a stop string appears: the text before it has then been
-    returned, and nothing after it ever is. `flush()` returns the held-back text once generation has ended.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
-        self.tokenizer, self.stop = tokenizer, tuple(stop)
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # only truly invalid bytes: U+FFFD
-        self.pending = ""
-        self.stopped = False
-
-    def push(self, token: int) -> str:
-        self.pending += self.utf8.decode(self.tokenizer.decode_bytes([token]))
-        cuts = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
-        if cuts:
-            self.stopped = True
-            text, self.pending = self.pending[: min(cuts)], ""
-            return text
-        keep = stop_prefix_length(self.pending, self.stop)
-        text = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep :]
-        return text
-
-    def flush(self) -> str:
-        """The held-back text that never became a stop string. Bytes of a character that never completed
-        (generation ended mid-character) are dropped rather than shown as U+FFFD."""
-        text, self.pending = self.pending, ""
-        return "" if self.stopped else text
-
-
-def decode_text(tokenizer: Tokenizer, ids: Iterable[int], stop: Sequence[str] = ()) -> Generator[str, None, bool]:
-    """Text pieces (never empty) for a stream of token ids: whole characters only, cut before the first stop
-    string (see TextDecoder). Returns True (the generator's return value) when a stop string ended the text."""
-    decoder = TextDecoder(tokenizer, stop)
-    for token in ids:
-        text = decoder.push(token)
-        if text:
-            yield text
-        if decoder.stopped:
-            return True
-    text = decoder.flush()
-    if text:
-        yield text
-    return False
-
-
-def stop_prefix_length(text: str, stop: Sequence[str]) -> int:
-    """Length of the longest end of text that is the beginning of a stop string."""
-    best = 0
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
+    rows = start_rows(model, checked, config, tokenizer)
+    for _ in _decode_loop(model, rows, step_for(model, step)):
+        pass
+    return [row.new_ids for row in rows]
 
 
 def stream_text(
@@ -463,21 +388,20 @@ def stream_text(
     prompt: str | Sequence[int],
     *,
     config: GenerationConfig | None = None,
-    step: StepFn = decode_step,
+    step: StepFn | None = None,
     **options: object,
 ) -> Stream[str]:
     """Generate after prompt (text, or token ids) and yield the new text in pieces, as it is produced."""
     config = make_config(config, **options)
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-    tokens = generate(model, prompt_ids, tokenizer=tokenizer, config=config, step=step)
-    stream: Stream[str] = Stream(tokens.prompt_ids, tokens.new_ids)
+    row, pairs = _generate_one(model, prompt_ids, tokenizer, config, step)
+    stream: Stream[str] = Stream(row.prompt_ids, row.new_ids)
 
     def items() -> Iterator[str]:
-        try:
-            stopped = yield from decode_text(tokenizer, tokens, config.stop_strings)
-        finally:
-            tokens.close()
-        stream.finish_reason = "stop" if stopped else tokens.finish_reason
+        for _, text in pairs:
+            stream.finish_reason = row.finish_reason
+            if text:
+                yield text
 
     stream._items = items()
     return stream
@@ -489,7 +413,7 @@ def chat(
     messages: Sequence[dict[str, str]],
     *,
     config: GenerationConfig | None = None,
-    step: StepFn = decode_step,
+    step: StepFn | None = None,
     **options: object,
 ) -> Stream[str]:
     """Stream the assistant's reply to messages ([{"role": "system"|"user"|"assistant", "content": ...}]).

@@ -57,7 +57,7 @@ def load_int4(path: Path) -> tuple[SmolLM2, Tokenizer] | None:
     from gguf import GGMLQuantizationType as Q
 
     from . import kernels
-    from .quantize import Q4Linear, Q8Linear, backend
+    from .quantize import Q4Linear, Q8Linear, Quantization, backend, fuse_projections
 
     if backend("int4") != "vnni":
         return None
@@ -93,22 +93,18 @@ def load_int4(path: Path) -> tuple[SmolLM2, Tokenizer] | None:
     for i, block in enumerate(model.model.layers):
         attn, mlp = block.self_attn, block.mlp
         names = {n.split(".")[2]: n.format(i=i) for n in linear_names}
-        qkv = [q4_parts(names["attn_q"], config.num_attention_heads),
-               q4_parts(names["attn_k"], config.num_key_value_heads), q4_parts(names["attn_v"])]
-        attn.qkv_proj = q4_linear(qkv)
-        q_rows, kv_rows = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-        attn.q_proj = attn.qkv_proj.rows(0, q_rows)
-        attn.k_proj = attn.qkv_proj.rows(q_rows, q_rows + kv_rows)
-        attn.v_proj = attn.qkv_proj.rows(q_rows + kv_rows, q_rows + 2 * kv_rows)
+        blocks_of = {attn.q_proj: q4_parts(names["attn_q"], config.num_attention_heads),
+                     attn.k_proj: q4_parts(names["attn_k"], config.num_key_value_heads),
+                     attn.v_proj: q4_parts(names["attn_v"]),
+                     mlp.gate_proj: q4_parts(names["ffn_gate"]), mlp.up_proj: q4_parts(names["ffn_up"])}
+        fuse_projections(block, lambda parts: q4_linear([blocks_of[p] for p in parts]))  # noqa: B023 (called now)
         attn.o_proj = q4_linear([q4_parts(names["attn_output"])])
-        mlp.gate_up_proj = q4_linear([q4_parts(names["ffn_gate"]), q4_parts(names["ffn_up"])])
-        mlp.gate_proj = mlp.gate_up_proj.rows(0, config.intermediate_size)
-        mlp.up_proj = mlp.gate_up_proj.rows(config.intermediate_size, 2 * config.intermediate_size)
         mlp.down_proj = q4_linear([q4_parts(names["ffn_down"])])
     model.lm_head = _head(head, Q8Linear)
+    model.lm_head.float_input = True  # float32 logits, as quantize_model gives its output projection
     _load_small_tensors(model, tensors, config)
     model.requires_grad_(False)
-    model.quantize_mode, model.quantize_backend = "int4", "vnni"
+    model.quantization = Quantization("int4", "vnni")
     return model.eval(), tokenizer_from_gguf(reader, path)
 
 

@@ -18,12 +18,24 @@ class LayerCache:
     def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = k, v
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv_head, T, head_dim) at positions start..start+T-1; return the filled prefix."""
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(
+        self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv_head, T, head_dim) at positions start..start+T-1; return positions 0..length-1.
+
+        start is an int, or a one-element tensor (a compiled step's: the write is then an index_copy_ at
+        positions that are data, so one graph serves them all).
+        """
+        T = k.shape[2]
+        if isinstance(start, int):
+            self.k[:, :, start : start + T] = k
+            self.v[:, :, start : start + T] = v
+        else:
+            slots = start + torch.arange(T, device=start.device)
+            self.k.index_copy_(2, slots, k.to(self.k.dtype))
+            self.v.index_copy_(2, slots, v.to(self.v.dtype))
+            torch._check(length <= self.k.shape[2])  # tells the compiler the slice below needs no clamping
+        return self.k[:, :, :length], self.v[:, :, :length]
 
 
 class KVCache:
@@ -47,6 +59,14 @@ class KVCache:
             for _ in range(config.num_hidden_layers)
         ]
         self.batch_size, self.max_len = batch_size, max_len
+
+    @classmethod
+    def from_layers(cls, layers: list[LayerCache]) -> KVCache:
+        """A cache over existing buffers (a view of some rows of another cache, or a compiled step's inputs)."""
+        cache = cls.__new__(cls)
+        cache.layers = layers
+        cache.batch_size, cache.max_len = layers[0].k.shape[0], layers[0].k.shape[2]
+        return cache
 
     def check_room(self, start: int, length: int) -> None:
         if start < 0 or start + length > self.max_len:

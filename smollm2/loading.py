@@ -56,7 +56,7 @@ def resolve(source: str | Path | None) -> tuple[str, Path]:
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-            from .train.checkpoint import resolve_checkpoint
+            from .checkpoint_format import resolve_checkpoint
 
             path = resolve_checkpoint(path)  # a training run: its latest complete checkpoint
         return "dir", path
@@ -104,13 +104,29 @@ def load(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     quantize: str = "none",
+    compile: bool = False,
 ) -> tuple[SmolLM2, Tokenizer]:
     """Load a SmolLM2 model and its tokenizer. With no source: the real SmolLM2-135M-Instruct weights.
 
     quantize: "none" (dtype as given), "bf16", or "int8" / "int4" weight-only on the CPU, for inference
     (see quantize.py for what each costs). The mode is checked before anything is read. int4 from a GGUF of
     Q4_1 blocks (the bundled one) takes the blocks as they are (gguf_int4.py): the same model, sooner.
+    compile: the fast decode path (fast.py `compile_decoding`): our decode kernels where they run and a
+    compiled decode step, which generate(), generate_batch(), chat(), stream_text() and the server then use.
+    The first decode step compiles (tens of seconds cold, a few with torch's caches warm: BENCHMARKS.md).
+    With compile=False the model is exactly the original's maths (what `smollm2 compare` checks).
     """
+    model, tokenizer = _load(source, dtype, device, quantize)
+    if compile:
+        from .fast import compile_decoding
+
+        compile_decoding(model)
+    return model, tokenizer
+
+
+def _load(
+    source: str | Path | None, dtype: torch.dtype, device: torch.device | str, quantize: str
+) -> tuple[SmolLM2, Tokenizer]:
     from .quantize import check_mode, quantize_model
     from .weights import build_model
 

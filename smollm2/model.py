@@ -13,12 +13,22 @@ computed in float32, and RoPE uses the "rotate half" (non-interleaved) layout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
 from .kv_cache import KVCache, LayerCache
+
+if TYPE_CHECKING:
+    from .quantize import Quantization
+
+# attention(q (B, n_head, T, hd), k, v (B, n_kv_head, S, hd), mask (B, 1, T, S) bool, None = causal)
+#   -> (B, n_head, T, hd)
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -66,6 +76,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---- The decoder block -------------------------------------------------------------------------------------
 
 
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v, by torch's fused kernel; mask None means plain causal attention.
+
+    enable_gqa lets each group of n_head / n_kv_head query heads read its shared key/value head, without copying
+    K and V once per query head. is_causal aligns the mask top-left, which is right only when the queries are
+    the keys (no cached prefix); the model passes an explicit mask otherwise.
+    """
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query attention: n_kv_head key/value heads serve n_head query heads."""
 
@@ -79,6 +101,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, kv, bias=False)  # 576 -> 3 heads x 64
         self.v_proj = nn.Linear(d, kv, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
+        # Speed choices, made once for the whole model (quantize.py, inference): q, k and v as one matmul (the
+        # three layers above then view its rows), and the function that attends (a one-token kernel, say).
+        self.qkv_proj: nn.Module | None = None
+        self.attention: AttentionFn = sdpa_attention
 
     def forward(
         self,
@@ -87,21 +113,22 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache: LayerCache | None,
-        start: int,
+        start: int | torch.Tensor,
+        length: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split([self.q_proj.out_features, self.k_proj.out_features,
+                                              self.v_proj.out_features], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(start, k, v)  # (B, n_kv_head, start + T, hd): every position so far
-        # enable_gqa lets each group of n_head / n_kv_head query heads read its shared key/value head, without
-        # copying K and V once per query head. With no mask, is_causal's top-left alignment is right only when
-        # the queries are the keys (no cache prefix); the caller passes an explicit mask otherwise.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv_head != self.n_head
-        )  # (B, n_head, T, hd)
+            k, v = cache.update(start, k, v, length)  # (B, n_kv_head, length, hd): the cache's first positions
+        y = self.attention(q, k, v, mask)  # (B, n_head, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -113,9 +140,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up as one matmul, where quantize.py fuses them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -135,9 +167,10 @@ class Block(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache: LayerCache | None,
-        start: int,
+        start: int | torch.Tensor,
+        length: int,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, length)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -167,6 +200,10 @@ class SmolLM2(nn.Module):
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
+        self.source: str | None = None  # where the weights came from, when `load` read them
+        self.quantization: Quantization | None = None  # set by quantize.py: the mode and the kernels it runs on
+        # The decode step generation uses instead of the eager one: set by compile_decoding (fast.py).
+        self.compiled_step: Callable[..., torch.Tensor] | None = None
         # Original checkpoints of tied models carry no lm_head.weight: fill it in so strict loading still works.
         self.register_load_state_dict_pre_hook(_fill_tied_lm_head)
 
@@ -183,55 +220,69 @@ class SmolLM2(nn.Module):
         input_ids: torch.Tensor,
         *,
         cache: KVCache | None = None,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        output: Literal["logits", "last_logits", "hidden"] = "logits",
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) for input_ids (B, T). See `hidden` for the other arguments."""
-        return self.lm_head(self.hidden(input_ids, cache=cache, start=start, positions=positions,
-                                        attention_mask=attention_mask))
+        """Logits (B, T, vocab) for input_ids (B, T): training, prefill and decoding all run through here.
 
-    def hidden(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        cache: KVCache | None = None,
-        start: int = 0,
-        positions: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The final normed hidden states (B, T, hidden_size), before the output projection.
-
-        cache, start: write keys/values at cache positions start..start+T-1 and attend to everything before.
+        cache, start: write the new keys/values at cache positions start..start+T-1 and attend to everything
+          before. start is an int, or a one-element int64 tensor: then one compiled graph serves every
+          position (a compiled decode step passes a tensor, and an attention_mask).
         positions: (B, T) rotary positions, default start..start+T-1 (left-padded rows start later).
-        attention_mask: (B, start+T), 1 for real tokens and 0 for padding, covering the cached prefix too.
+        attention_mask: (B, S), 1 for the tokens to attend to and 0 for padding, over cache positions 0..S-1,
+          the prefix included; S >= start + T (positions past start + T - 1 are never attended). Default: all
+          of 0..start+T-1.
+        output: "logits", "last_logits" (B, vocab) for the last position only (a prefill needs no more, and
+          the output projection is the model's largest matmul), or "hidden", the final normed hidden states
+          (B, T, hidden_size) before the output projection.
         """
         B, T = input_ids.shape
-        if cache is not None:
+        dynamic = isinstance(start, torch.Tensor)
+        if cache is None and (dynamic or start != 0):
+            raise ValueError(f"start={start} needs a cache holding the earlier positions")
+        if attention_mask is not None:
+            if not dynamic and (attention_mask.ndim != 2 or attention_mask.shape[0] != B
+                                or attention_mask.shape[1] < start + T):
+                raise ValueError(f"attention_mask must have shape {(B, start + T)} (or be wider), "
+                                 f"got {tuple(attention_mask.shape)}")
+            length = attention_mask.shape[1]  # keys attended: cache positions 0..length-1
+        elif dynamic:
+            raise ValueError("a tensor start needs an attention_mask, whose width says how much cache to read")
+        else:
+            length = start + T
+        if cache is not None and not dynamic:
             cache.check_room(start, T)
+            cache.check_room(0, length)
+        slots = start + torch.arange(T, device=input_ids.device)  # (T,) the cache positions written
         if positions is None:
-            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            positions = slots.expand(B, T)
         cos, sin = self.model.rope_cos[positions], self.model.rope_sin[positions]  # (B, T, head_dim)
-        mask = self._attention_mask(B, T, start, attention_mask, input_ids.device, cache is not None)
+        mask = self._attention_mask(T, start, slots, length, attention_mask)
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, cache.layers[i] if cache is not None else None, start)
-        return self.model.norm(x)
+            x = block(x, cos, sin, mask, cache.layers[i] if cache is not None else None, start, length)
+        if output == "last_logits":
+            x = x[:, -1]  # left padding puts every row's last real token at T-1
+        x = self.model.norm(x)
+        return x if output == "hidden" else self.lm_head(x)
+
+    def hidden(self, input_ids: torch.Tensor, **options: object) -> torch.Tensor:
+        """The final normed hidden states (B, T, hidden_size): `forward(..., output="hidden")`."""
+        return self(input_ids, output="hidden", **options)
 
     @staticmethod
     def _attention_mask(
-        B: int, T: int, start: int, attention_mask: torch.Tensor | None, device: torch.device, cached: bool
+        T: int, start: int | torch.Tensor, slots: torch.Tensor, length: int, attention_mask: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """None when SDPA's own causal mask is right; else a boolean (B, 1, T, start + T) mask, True = attend."""
-        if attention_mask is None and (start == 0 or T == 1):
+        """None when SDPA's own causal mask is right; else a boolean (B, 1, T, length) mask, True = attend."""
+        if attention_mask is None and (isinstance(start, int) and start == 0 or T == 1):
             return None  # a plain causal prefill, or one new token that may see every cached position
-        S = start + T
-        query_pos = torch.arange(start, S, device=device)[:, None]  # (T, 1)
-        key_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+        key_pos = torch.arange(length, device=slots.device)[None, :]  # (1, S)
+        query_pos = slots[:, None]  # (T, 1)
         allowed = (key_pos <= query_pos)[None, None]  # (1, 1, T, S) causal
         if attention_mask is not None:
-            if attention_mask.shape != (B, S):
-                raise ValueError(f"attention_mask must have shape {(B, S)}, got {tuple(attention_mask.shape)}")
             real_key = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
             # A padding query may see only itself: a row with every key masked would give NaN in softmax.
             allowed = allowed & (real_key | (key_pos == query_pos)[None, None])

@@ -12,7 +12,7 @@ Decoding one token reads every weight once, so on a CPU its speed is set by the 
 parameter in fp32, 2 in bf16, ~1.06 in int8, ~0.63 in int4 (codes plus per-group scales). The rest of the
 model (embedding, norms, attention, KV cache) runs in bf16 in the quantised modes.
 
-Three sets of kernels, the first that works here is used (`backend()`, recorded as model.quantize_backend):
+Three sets of kernels, the first that works here is used (`backend()`, recorded in model.quantization):
   vnni   smollm2's own AVX-512 VNNI kernels (kernels.py, built by `python -m smollm2.kernels`): activations
          quantised to int8 per group of 32 and integer dot products, as llama.cpp does
   torch  torch's weight-only kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`, as
@@ -31,8 +31,9 @@ token, so it is quantised too: the quantised copy replaces `model.lm_head`, whil
 bf16 matrix for lookups. In int4 mode it stays int8 (`head=`): 4 bits for it cost ~4.6% perplexity.
 
 The projections that read the same input are also fused (q, k, v into `qkv_proj`; gate, up into
-`gate_up_proj`): one matmul call instead of three (two) for the fast decode step (fast.py). The separate layers
-remain, as views of the fused layer's rows, for the model's own forward pass.
+`gate_up_proj`, `fuse_projections`): one matmul call instead of three (two), which the model's forward uses
+when it finds them. The separate layers remain, as views of the fused layer's rows, so the module tree keeps
+the original's names.
 
 A quantised model is for inference: it has no gradients, its state dict holds the quantised tensors, and it
 must not be re-tied (`tie_weights`) or cast (`.to(dtype)`) afterwards.
@@ -41,16 +42,19 @@ must not be re-tied (`tie_weights`) or cast (`.to(dtype)`) afterwards.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+# MODES, and the CLI's default mode: the fastest decoding on a CPU that keeps quality (BENCHMARKS.md). They live
+# in defaults.py, which --help reads without torch. The library's load() keeps "none", the exact model.
+from .defaults import DEFAULT_QUANTIZE as DEFAULT_MODE  # noqa: F401 (re-exported)
+from .defaults import QUANTIZE_MODES as MODES
+
 log = logging.getLogger(__name__)
 
-MODES = ("none", "bf16", "int8", "int4")
-# The CLI's default: the fastest decoding on a CPU that keeps quality (BENCHMARKS.md: +0.1-0.3% perplexity,
-# ~4.9x transformers fp32). The library's load() keeps "none", the exact model, as its default.
-DEFAULT_MODE = "int4"
 INT4_GROUP_SIZES = (32, 64)  # must divide every in_features (576, 1536); 128 does not divide 576
 _INT4_INNER_K_TILES = 2  # the packing layout argument; the CPU kernel reads any of 1, 2, 4, 8 the same way
 
@@ -121,7 +125,32 @@ def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
 # ---- the quantised linear layers -----------------------------------------------------------------------
 
 
-class Int8Linear(nn.Module):
+@dataclass(frozen=True)
+class Quantization:
+    """What `quantize_model` did to a model (`model.quantization`): its mode, and the kernels it runs on."""
+
+    mode: str  # one of MODES
+    backend: str  # "vnni" (ours), "torch" (torch's kernels) or "bf16" (dequantised bf16 weights): see backend()
+
+
+class PackedLinear(nn.Module):
+    """What every layer below shares: `matmul(x)`, and the choice to take float32 inputs.
+
+    quantize_model sets float_input on the output projection: our kernels (and torch's int8 one, whose output
+    follows the input's dtype) then give float32 logits, over which picking the next token (argmax) runs twice
+    as fast as over bf16 ones, and sampling needs float32 anyway.
+    """
+
+    float_input = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x.float() if self.float_input else x)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(PackedLinear):
     """y = x @ (weight * scales).T with int8 weight (N, K) and bf16 scales (N,); output in x's dtype."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
@@ -134,7 +163,7 @@ class Int8Linear(nn.Module):
     def from_float(cls, weight: torch.Tensor) -> Int8Linear:
         return cls(*quantize_int8(weight))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         y = _int8_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight, self.scales)  # (M, N)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
@@ -146,7 +175,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(PackedLinear):
     """y = x @ dequant(weight).T with 4-bit codes in the kernel's packed layout (N, K/2) uint8 and bf16
     scales_and_zeros (K / group_size, N, 2); output in x's dtype."""
 
@@ -164,7 +193,7 @@ class Int4Linear(nn.Module):
         scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         return cls(_int4_pack(codes), scales_and_zeros, group_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         y = _int4_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight, self.group_size,
                      self.scales_and_zeros)  # (M, N)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -174,7 +203,7 @@ class Int4Linear(nn.Module):
                 f"int4 group_size={self.group_size}")
 
 
-class Q8Linear(nn.Module):
+class Q8Linear(PackedLinear):
     """int8 codes per group of 32 with an fp16 scale (llama.cpp's Q8_0), run by smollm2's own VNNI kernel
     (kernels.py): weight holds the codes + 128 in the kernel's packed layout. Output in x's dtype."""
 
@@ -193,7 +222,7 @@ class Q8Linear(nn.Module):
         codes, scales = quantize_int8(weight, cls.group_size)
         return cls(kernels.pack_q8(codes), kernels.pack_groups(scales), *weight.shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.smollm2.q8_mm(x.reshape(-1, self.in_features), self.weight, self.scales, self.out_features)
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -207,7 +236,7 @@ class Q8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 group_size=32 (vnni)"
 
 
-class Q4Linear(nn.Module):
+class Q4Linear(PackedLinear):
     """4-bit codes per group of 32 with fp16 scale and zero (llama.cpp's Q4_1), run by smollm2's own VNNI
     kernel (kernels.py): weight holds the codes in the kernel's packed layout. Output in x's dtype."""
 
@@ -229,7 +258,7 @@ class Q4Linear(nn.Module):
         return cls(kernels.pack_q4(codes), kernels.pack_groups(scales), kernels.pack_groups(zeros),
                    *weight.shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.smollm2.q4_mm(x.reshape(-1, self.in_features), self.weight, self.scales, self.zeros,
                                     self.out_features)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -244,7 +273,7 @@ class Q4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size=32 (vnni)"
 
 
-class BF16Linear(nn.Module):
+class BF16Linear(PackedLinear):
     """A bf16 weight in the packed layout of smollm2's AVX-512 BF16 kernel (kernels.py): sums in fp32, output
     in bf16. At one row it runs ~4x faster than torch's bf16 linear on a CPU without AMX."""
 
@@ -259,7 +288,7 @@ class BF16Linear(nn.Module):
 
         return cls(kernels.pack_bf16(weight), *weight.shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.smollm2.bf16_mm(x.reshape(-1, self.in_features), self.weight, self.out_features)
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -354,11 +383,10 @@ def quantize_model(model: nn.Module, mode: str, *, group_size: int = 32, head: s
         raise ValueError(f"quantize mode {mode!r} runs on the CPU only (the model is on {device}); "
                          "use 'bf16' on a GPU")
     model.requires_grad_(False)
-    model.quantize_mode = mode
     if mode == "none":
         return model
     if mode == "bf16" and (device.type != "cpu" or backend(mode) != "vnni"):
-        model.quantize_backend = "torch"
+        model.quantization = Quantization(mode, "torch")
         return model.to(torch.bfloat16)
 
     backends = {m: backend(m, group_size) for m in {mode, head}}
@@ -366,30 +394,38 @@ def quantize_model(model: nn.Module, mode: str, *, group_size: int = 32, head: s
         if b == "bf16":
             log.warning("no %s kernel runs on this machine; using bf16 linears with %s-rounded weights instead "
                         "(same results, bf16 speed)", m, m)
-    model.quantize_backend = backends[mode]
+    model.quantization = Quantization(mode, backends[mode])
     if backends[mode] != "bf16":
         for block in getattr(getattr(model, "model", None), "layers", ()):
-            # One matmul instead of three (two) for the projections that read the same input; the separate
-            # layers stay, as views of the fused one's rows, for the plain forward pass.
-            attn, mlp = block.self_attn, block.mlp
-            parts = [attn.q_proj, attn.k_proj, attn.v_proj]
-            attn.qkv_proj = _quantize(_cat(parts), mode, group_size, backends[mode])
-            attn.q_proj, attn.k_proj, attn.v_proj = _split(attn.qkv_proj, parts)
-            parts = [mlp.gate_proj, mlp.up_proj]
-            mlp.gate_up_proj = _quantize(_cat(parts), mode, group_size, backends[mode])
-            mlp.gate_proj, mlp.up_proj = _split(mlp.gate_up_proj, parts)
+            fuse_projections(block, lambda parts: _quantize(_cat(parts), mode, group_size, backends[mode]))
     lm_head = getattr(model, "lm_head", None)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 m = head if child is lm_head else mode
-                setattr(parent, name, _quantize(_float_weight(child), m, group_size, backends[m]))
+                layer = _quantize(_float_weight(child), m, group_size, backends[m])
                 # (the tied lm_head gets its own quantised copy; the embedding keeps the bf16 matrix)
+                layer.float_input = child is lm_head and isinstance(layer, PackedLinear)
+                setattr(parent, name, layer)
     # The embedding, norms and rotary tables to bf16; the quantised layers keep their scales' dtypes.
     for module in model.modules():
         if not isinstance(module, PACKED):
             module._apply(lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t, recurse=False)
     return model
+
+
+def fuse_projections(block: nn.Module, make: Callable[[list[nn.Linear]], nn.Module]) -> None:
+    """q, k, v into one layer (`qkv_proj`) and gate, up into another (`gate_up_proj`), each `make(parts)`: one
+    matmul instead of three (two) for the projections that read the same input. The separate layers stay, as
+    views of the fused layer's rows where its layout allows, so the module tree keeps the original's names.
+    The one fusion path: quantize_model and the int4-from-GGUF loader (gguf_int4.py) both call it."""
+    attn, mlp = block.self_attn, block.mlp
+    parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+    attn.qkv_proj = make(parts)
+    attn.q_proj, attn.k_proj, attn.v_proj = _split(attn.qkv_proj, parts)
+    parts = [mlp.gate_proj, mlp.up_proj]
+    mlp.gate_up_proj = make(parts)
+    mlp.gate_proj, mlp.up_proj = _split(mlp.gate_up_proj, parts)
 
 
 def _float_weight(linear: nn.Linear) -> torch.Tensor:

@@ -118,8 +118,8 @@ def test_checkpoints_hold_no_pickles(tmp_path: Path) -> None:
                 assert list(f.keys())
         else:  # everything else is JSON (the COMPLETE marker too)
             json.loads(file.read_text(encoding="utf-8"))
-    sources = [*(REPO / "smollm2" / "train").glob("*.py"), REPO / "smollm2/commands/train.py",
-               REPO / "smollm2/commands/export.py"]
+    sources = [*(REPO / "smollm2" / "train").glob("*.py"), REPO / "smollm2/checkpoint_format.py",
+               REPO / "smollm2/commands/train.py", REPO / "smollm2/commands/export.py"]
     for source in sources:
         text = source.read_text(encoding="utf-8")
         for call in ("import pickle", "torch.load(", "torch.save(", "np.load(", "allow_pickle"):

@@ -74,7 +74,7 @@ def test_generate_chat_mode_with_sampling_flags(real) -> None:
 
 @pytest.mark.slow
 def test_generate_compiled_step_gives_the_library_tokens(real_int4) -> None:
-    """--compile decodes with the compiled step (fast.FastDecoder): the same greedy text, and the line of
+    """--compile decodes with the compiled step (load(compile=True)): the same greedy text, and the line of
     counts says how long compiling took."""
     model, tokenizer = real_int4
     text = "".join(stream_text(model, tokenizer, "The capital of France is", max_new_tokens=12))

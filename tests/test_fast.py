@@ -10,7 +10,7 @@ import torch
 
 from smollm2 import kernels
 from smollm2.config import Config
-from smollm2.fast import BUCKET, FastDecoder, bucketed_length
+from smollm2.fast import BUCKET, DecodeStep, bucketed_length, kernel_attention, use_fast_modules
 from smollm2.generate import decode_step, prefill
 from smollm2.kv_cache import KVCache
 from smollm2.model import SmolLM2
@@ -23,22 +23,23 @@ def tiny_model(config: Config) -> SmolLM2:
     return model.eval()
 
 
-def run_both(model: SmolLM2, fast: FastDecoder, prompts: torch.Tensor, cache_len: int,
+def run_both(model: SmolLM2, fast: DecodeStep, prompts: torch.Tensor, cache_len: int,
              attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> float:
-    """Greedy-decode with the plain step and the fast one side by side (each its own cache, the plain step's
-    tokens fed to both) up to the end of the cache; the largest logit difference seen."""
+    """Greedy-decode with the plain step on `model` and the fast one on its model (the same weights, maybe
+    other modules) side by side (each its own cache, the plain step's tokens fed to both) up to the end of the
+    cache; the largest logit difference seen."""
     B, T = prompts.shape
     dtype = next(model.parameters()).dtype
     caches = [KVCache(model.config, B, cache_len, dtype=dtype) for _ in range(2)]
     first_mask = attention_mask[:, :T] if attention_mask is not None else None
-    logits = [prefill(model, prompts, c, positions, first_mask) for c in caches]
+    logits = [prefill(m, prompts, c, positions, first_mask) for m, c in zip((model, fast.model), caches, strict=True)]
     worst = 0.0
     for start in range(T, cache_len):
         token = logits[0].argmax(-1, keepdim=True)  # (B, 1)
         step_pos = positions[:, -1:] + 1 + start - T if positions is not None else None
         step_mask = attention_mask[:, : start + 1] if attention_mask is not None else None
         logits = [decode_step(model, token, caches[0], start, step_pos, step_mask),
-                  fast(model, token, caches[1], start, step_pos, step_mask)]
+                  fast(fast.model, token, caches[1], start, step_pos, step_mask)]
         worst = max(worst, float((logits[0].float() - logits[1].float()).abs().max()))
     return worst
 
@@ -51,8 +52,10 @@ def test_bucketed_length() -> None:
 def test_eager_fast_step_equals_the_model(tiny_config: Config) -> None:
     model = tiny_model(tiny_config)
     prompts = torch.randint(0, tiny_config.vocab_size, (1, 7))
-    fast = FastDecoder(model, compile=False)
-    assert fast._f32_kernel == kernels.available()  # float32 linears through our kernel where it is built
+    fast = DecodeStep(use_fast_modules(tiny_model(tiny_config)), compile=False)
+    fast.model.load_state_dict(model.state_dict())
+    # float32 linears through our kernel where it is built
+    assert (type(fast.model.lm_head).__name__ == "MatVecLinear") == kernels.available()
     # 7 + 120 positions: three buckets, the last one ending exactly at the cache's end
     assert run_both(model, fast, prompts, 128) < 1e-5
 
@@ -64,7 +67,7 @@ def test_eager_fast_step_with_left_padding(tiny_config: Config) -> None:
     mask = torch.ones(2, cache_len, dtype=torch.long)
     mask[1, :3] = 0  # row 1 is a 3-token prompt, left-padded
     positions = (torch.arange(6)[None, :] - torch.tensor([[0], [3]])).clamp(min=0)
-    worst = run_both(model, FastDecoder(model, compile=False), prompts, cache_len, mask, positions)
+    worst = run_both(model, DecodeStep(model, compile=False), prompts, cache_len, mask, positions)
     assert worst < 1e-5
 
 
@@ -73,7 +76,7 @@ def test_compiled_step_equals_the_model_without_recompiling(tiny_config: Config)
     from torch._dynamo.utils import counters
 
     model = tiny_model(tiny_config)
-    fast = FastDecoder(model, compile=True)
+    fast = DecodeStep(model, compile=True)
     counters.clear()
     prompts = torch.randint(0, tiny_config.vocab_size, (1, 5))
     assert run_both(model, fast, prompts, 128) < 1e-4  # buckets 64, 128 = the cache's end
@@ -89,7 +92,7 @@ def test_compiled_step_on_a_quantised_model(tiny_config: Config) -> None:
     model = quantize_model(tiny_model(tiny_config), "int4")
     prompts = torch.randint(0, tiny_config.vocab_size, (1, 4))
     T, cache_len = prompts.shape[1], 70
-    eager, compiled = FastDecoder(model, compile=False), FastDecoder(model, compile=True)
+    eager, compiled = DecodeStep(model, compile=False), DecodeStep(model, compile=True)
     caches = [KVCache(tiny_config, 1, cache_len, dtype=torch.bfloat16) for _ in range(2)]
     logits = [prefill(model, prompts, c) for c in caches]
     worst = 0.0
@@ -108,7 +111,7 @@ def test_fast_step_on_a_quantised_model(tiny_config: Config, mode: str) -> None:
     if kernel_available(mode):
         assert model.model.layers[0].self_attn.qkv_proj is not None
     prompts = torch.randint(0, tiny_config.vocab_size, (1, 9))
-    assert run_both(model, FastDecoder(model, compile=False), prompts, 70) < 0.05
+    assert run_both(model, DecodeStep(model, compile=False), prompts, 70) < 0.05
 
 
 def test_fast_step_with_our_attention_kernel(tiny_config: Config) -> None:
@@ -123,15 +126,17 @@ def test_fast_step_with_our_attention_kernel(tiny_config: Config) -> None:
     mask = torch.ones(2, cache_len, dtype=torch.long)
     mask[1, :3] = 0
     positions = (torch.arange(6)[None, :] - torch.tensor([[0], [3]])).clamp(min=0)
+    fast_model = use_fast_modules(tiny_model(config))
+    fast_model.load_state_dict(model.state_dict())
+    assert fast_model.model.layers[0].self_attn.attention is kernel_attention
     for compile in (False, True):
-        fast = FastDecoder(model, compile=compile)
-        assert fast._attention_kernel
+        fast = DecodeStep(fast_model, compile=compile)
         assert run_both(model, fast, prompts, cache_len, mask, positions) < 1e-4
 
 
 def test_invalid_calls(tiny_config: Config) -> None:
     model, other = tiny_model(tiny_config), tiny_model(tiny_config)
-    fast = FastDecoder(model, compile=False)
+    fast = DecodeStep(model, compile=False)
     cache = KVCache(tiny_config, 1, 16)
     with pytest.raises(ValueError, match="one token per row"):
         fast(model, torch.zeros(1, 2, dtype=torch.long), cache, 0)
@@ -147,5 +152,5 @@ def test_real_model_fast_step_greedy_equals_plain(real) -> None:
     and its logits to float rounding."""
     model, tokenizer = real
     prompts = torch.tensor([tokenizer.encode("The three primary colours are")])
-    worst = run_both(model, FastDecoder(model, compile=False), prompts, prompts.shape[1] + 12)
+    worst = run_both(model, DecodeStep(model, compile=False), prompts, prompts.shape[1] + 12)
     assert worst < 1e-3

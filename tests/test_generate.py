@@ -56,8 +56,8 @@ def text_model() -> SmolLM2:
 class ScriptedModel(nn.Module):
     """A stand-in model that emits a fixed list of tokens, whatever the prompt, through prefill/decode_step.
 
-    hidden() returns each position's index; lm_head() turns the last one into a one-hot row for the script's
-    next token. It lets the text tests choose exactly which tokens (and so which bytes) arrive.
+    Its forward (called with output="last_logits", as generation calls it) gives a one-hot row for the
+    script's next token. It lets the text tests choose exactly which tokens (and so which bytes) arrive.
     """
 
     def __init__(self, config: Config, script: list[int]) -> None:
@@ -66,15 +66,14 @@ class ScriptedModel(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))  # generation reads the device and dtype from a parameter
         self.prompt_len = 0
 
-    def hidden(self, input_ids: torch.Tensor, *, start: int = 0, **kwargs: object) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, *, start: int = 0, output: str = "logits",
+                **kwargs: object) -> torch.Tensor:
+        assert output == "last_logits"
         B, T = input_ids.shape
         if start == 0:
             self.prompt_len = T
-        return torch.arange(start, start + T, dtype=torch.float32).expand(B, T)[..., None]  # (B, T, 1)
-
-    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        step = int(h[0, 0]) + 1 - self.prompt_len  # which new token comes next
-        logits = torch.full((h.shape[0], self.config.vocab_size), -1e9)
+        step = start + T - self.prompt_len  # which new token comes next
+        logits = torch.full((B, self.config.vocab_size), -1e9)
         logits[:, self.script[step] if step < len(self.script) else 0] = 0.0
         return logits
 

@@ -31,7 +31,7 @@ def assert_same_model(a: SmolLM2, b: SmolLM2) -> None:
     different = [k for k in sa if sa[k].dtype != sb[k].dtype or not torch.equal(sa[k], sb[k])]
     assert not different, different[:5]
     assert [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
-    assert (a.quantize_mode, a.quantize_backend) == (b.quantize_mode, b.quantize_backend)
+    assert a.quantization == b.quantization is not None
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_other_files_take_the_general_path(tmp_path: Path, block_config: Config,
     write_gguf(q8, model, quant="Q8_0")
     write_gguf(q4, model, quant="Q4_1")
     assert load_int4(q8) is None  # Q8_0 blocks: dequantised, then quantised to int4 as any float model
-    assert smollm2.load(q8, quantize="int4")[0].quantize_mode == "int4"
+    assert smollm2.load(q8, quantize="int4")[0].quantization.mode == "int4"
     extra = tmp_path / "extra.gguf"  # a tensor the model has no place for: the general path rejects the file
     write_gguf(extra, model, quant="Q4_1", extra_tensor="rope_freqs.weight")
     assert load_int4(extra) is None

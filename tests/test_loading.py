@@ -104,7 +104,7 @@ def test_load_quantize_modes(tmp_path: Path, tiny_config) -> None:
         reference = plain(ids)
     for mode, tolerance in (("bf16", 0.1), ("int8", 0.1), ("int4", 0.5)):  # logits of size ~1
         quantized, _ = smollm2.load(tmp_path, quantize=mode)
-        assert quantized.quantize_mode == mode
+        assert quantized.quantization.mode == mode
         assert any(isinstance(m, QUANTIZED) for m in quantized.modules()) == (mode != "bf16")
         assert not any(p.requires_grad for p in quantized.parameters())
         with torch.no_grad():

@@ -21,6 +21,7 @@ from smollm2.quantize import (
     Int8Linear,
     Q4Linear,
     Q8Linear,
+    Quantization,
     dequantize_int4,
     dequantize_int8,
     kernel_available,
@@ -87,6 +88,7 @@ def test_int4_group_must_divide_the_input_width() -> None:
 
 
 # ---- the kernels ----------------------------------------------------------------------------------------
+# (smollm2's own kernels, each op on its own, are tested in test_kernels.py)
 
 
 def vnni_or_skip() -> None:
@@ -117,119 +119,6 @@ def test_int4_linear_matches_dequantized_matmul(group_size: int) -> None:
     expected_w = dequantize_int4(codes, scales.to(torch.bfloat16), zeros.to(torch.bfloat16))
     layer = Int4Linear.from_float(w, group_size)
     torch.testing.assert_close(layer(x).float(), x.float() @ expected_w.T, rtol=2e-2, atol=3e-2)
-
-
-@pytest.mark.parametrize("rows", [1, 3, 40])
-@pytest.mark.parametrize("shape", [(64, 64), (960, 576), (576, 1536)])
-def test_vnni_kernels_match_float_maths(rows: int, shape: tuple[int, int]) -> None:
-    """Our kernels quantise the activations to int8 per group of 32 (as llama.cpp does): ~0.5% error."""
-    vnni_or_skip()
-    N, K = shape
-    w = torch.randn(N, K) * 0.05 + torch.linspace(-0.02, 0.02, K)  # groups with offsets: zeros matter
-    x = torch.randn(rows, K)
-    q4, q8 = Q4Linear.from_float(w), Q8Linear.from_float(w)
-    codes, scales, zeros = quantize_int4(w, 32)
-    w4 = dequantize_int4(codes, scales.half(), zeros.half())  # Q4Linear keeps fp16 scales and zeros
-    codes8, scales8 = quantize_int8(w, 32)
-    w8 = dequantize_int8(codes8, scales8.half())  # Q8Linear: per group of 32, fp16 scales
-    assert rel_err(q4(x), x @ w4.T) < 0.01
-    assert rel_err(q8(x), x @ w8.T) < 0.01
-    y = q4(x.to(torch.bfloat16))
-    assert y.dtype == torch.bfloat16 and rel_err(y, x @ w4.T) < 0.015
-    # Row views of a layer compute exactly the rows of the whole.
-    assert torch.equal(q4.rows(16, 48)(x), q4(x)[:, 16:48]) and torch.equal(q8.rows(32, 64)(x), q8(x)[:, 32:64])
-
-
-def test_vnni_kernels_give_a_row_the_same_result_in_any_batch() -> None:
-    """A prefill's rows go through the kernels 4 at a time, a decode step's one: the same numbers either way."""
-    vnni_or_skip()
-    w, x = torch.randn(96, 128), torch.randn(7, 128)  # 7 rows: one tile of 4, then 3 one by one
-    for layer in (Q4Linear.from_float(w), Q8Linear.from_float(w)):
-        whole = layer(x)
-        assert all(torch.equal(whole[i], layer(x[i : i + 1])[0]) for i in range(7))
-        assert torch.equal(whole[4:], layer(x[4:]))
-
-
-@pytest.mark.parametrize("rows", [1, 6])
-def test_bf16_kernel_matches_float_maths(rows: int) -> None:
-    """vdpbf16ps sums bf16 products in fp32; the output is rounded to bf16 once."""
-    vnni_or_skip()
-    from smollm2 import kernels
-
-    if not kernels.bf16_supported():
-        pytest.skip("this CPU has no AVX-512 BF16")
-    w, x = torch.randn(96, 128), torch.randn(rows, 128).to(torch.bfloat16)
-    layer = BF16Linear.from_float(w)
-    y = layer(x)
-    expected = x.float() @ w.to(torch.bfloat16).float().T
-    assert y.dtype == torch.bfloat16 and rel_err(y, expected) < 4e-3
-    assert torch.equal(layer(x.float()).float(), y.float())  # float input: rounded to bf16 first
-    assert all(torch.equal(y[i], layer(x[i : i + 1])[0]) for i in range(rows))  # 4-row tiles = one by one
-    assert torch.equal(layer.rows(32, 64)(x), y[:, 32:64])
-    with pytest.raises(RuntimeError, match="smollm2 bf16_mm: bad shapes"):
-        torch.ops.smollm2.bf16_mm(torch.randn(2, 100), layer.weight, 96)  # 100 inputs: not a multiple of 8
-    with pytest.raises(RuntimeError, match="bf16_mm: weights do not match"):
-        torch.ops.smollm2.bf16_mm(x, layer.weight, 80)
-
-
-def test_f32_mv_kernel_matches_torch() -> None:
-    """The float32 one-row product on nn.Linear's own weights, whatever the strides of a (1, K) input."""
-    vnni_or_skip()
-    from smollm2 import kernels
-
-    w, x = torch.randn(96, 576), torch.randn(1, 576)
-    assert kernels.f32_mv_fits(w)
-    torch.testing.assert_close(torch.ops.smollm2.f32_mv(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
-    zero_stride = x.as_strided((1, 576), (0, 1))  # as inductor lays such a row out
-    assert torch.equal(torch.ops.smollm2.f32_mv(zero_stride, w), torch.ops.smollm2.f32_mv(x, w))
-    for unfit in (torch.randn(8, 576), torch.randn(96, 40), w.to(torch.bfloat16), torch.randn(576, 96).T):
-        assert not kernels.f32_mv_fits(unfit)
-    with pytest.raises(RuntimeError, match=r"f32_mv: x \(1, K\) and w \(N, K\)"):
-        torch.ops.smollm2.f32_mv(torch.randn(2, 576), w)
-
-
-def sdpa_reference(q, k, v, valid):
-    mask = valid[:, None, None, :]
-    return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                            enable_gqa=True)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("B", "H", "Hkv", "D", "L"), [(1, 9, 3, 64, 576), (2, 4, 4, 128, 70), (3, 8, 2, 64, 17)])
-def test_decode_attention_kernel_matches_sdpa(dtype, B, H, Hkv, D, L) -> None:
-    """Our one-token attention (chunks of 64 positions merged as in flash-decoding) against SDPA, on views of
-    a longer cache, with masked positions: whole 64-position chunks (left padding) and scattered ones."""
-    vnni_or_skip()
-    from smollm2 import kernels
-
-    assert kernels.decode_attention_supported(H, Hkv, D, dtype, torch.device("cpu"))
-    cache_len = L + 30
-    q = torch.randn(B, H, 1, D).to(dtype)
-    k_cache, v_cache = (torch.randn(B, Hkv, cache_len, D).to(dtype) for _ in range(2))
-    k_cache[:, :, L:] = float("nan")  # past the attended length: must never be read
-    valid = torch.rand(B, L) > 0.3
-    valid[:, -1] = True  # the new token itself
-    valid[0, : min(L - 1, 130)] = False  # row 0 left-padded over two whole chunks
-    v_cache[0, :, :5] = float("nan")  # a masked position's cache row may hold anything
-    y = torch.ops.smollm2.decode_attention(q, k_cache[:, :, :L], v_cache[:, :, :L], valid)
-    assert y.shape == q.shape and y.dtype == dtype
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    k, v = (c[:, :, :L].nan_to_num() for c in (k_cache, v_cache))  # SDPA would spread the NaN (0 x NaN)
-    torch.testing.assert_close(y.float(), sdpa_reference(q, k, v, valid), atol=tolerance, rtol=tolerance)
-
-
-def test_decode_attention_kernel_supported_shapes() -> None:
-    vnni_or_skip()
-    from smollm2 import kernels
-
-    cpu = torch.device("cpu")
-    assert kernels.decode_attention_supported(9, 3, 64, torch.float32, cpu)
-    assert not kernels.decode_attention_supported(4, 2, 16, torch.float32, cpu)  # head_dim 16: SDPA instead
-    assert not kernels.decode_attention_supported(10, 2, 64, torch.float32, cpu)  # 5 query heads per KV head
-    assert not kernels.decode_attention_supported(9, 3, 64, torch.float16, cpu)
-    with pytest.raises(RuntimeError, match="head_dim 64 or 128"):
-        torch.ops.smollm2.decode_attention(torch.randn(1, 4, 1, 32), *(torch.randn(1, 2, 8, 32),) * 2,
-                                           torch.ones(1, 8, dtype=torch.bool))
 
 
 # ---- the model transform --------------------------------------------------------------------------------
@@ -279,7 +168,7 @@ def test_quantize_model_replaces_every_linear(tiny_config: Config, mode: str, ba
         expected = rounded_copy(model, mode, backend)(ids)  # fp32 maths on the rounded weights
         quantize_model(model, mode)
         got = model(ids)
-    assert model.quantize_mode == mode and model.quantize_backend == backend
+    assert model.quantization == Quantization(mode, backend)
     kinds = {"vnni": (Q8Linear, Q4Linear), "torch": (Int8Linear, Int4Linear)}[backend]
     kind = kinds[0] if mode == "int8" else kinds[1]
     linears = [m for m in model.modules() if isinstance(m, kind) and m is not model.lm_head]
@@ -297,7 +186,7 @@ def test_quantize_model_replaces_every_linear(tiny_config: Config, mode: str, ba
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     torch.testing.assert_close(model.model.embed_tokens.weight.float(), embedding, rtol=1e-2, atol=1e-3)
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == torch.float32  # the output projection gives float32 logits (PackedLinear.float_input)
     # What is left is bf16 activations (and, on our kernels, int8 activations in the matmuls).
     assert rel_err(got, expected) < (0.03 if backend == "torch" else 0.05)
 
@@ -314,7 +203,7 @@ def test_fallback_when_no_kernel_runs(tiny_config: Config, monkeypatch: pytest.M
         with torch.no_grad():
             fast = quantize_model(copy.deepcopy(reference), mode)
             fast_logits = fast(ids).float()
-        assert fast.quantize_backend == "torch"
+        assert fast.quantization.backend == "torch"
         with monkeypatch.context() as patch:
             def missing(*args: object) -> torch.Tensor:
                 raise RuntimeError("no kernel for this CPU")
@@ -325,7 +214,7 @@ def test_fallback_when_no_kernel_runs(tiny_config: Config, monkeypatch: pytest.M
             with torch.no_grad():
                 slow = quantize_model(copy.deepcopy(reference), mode)
                 slow_logits = slow(ids).float()
-        assert slow.quantize_backend == "bf16"
+        assert slow.quantization.backend == "bf16"
         assert not any(isinstance(m, QUANTIZED) for m in slow.modules())
         assert all(m.weight.dtype == torch.bfloat16 for m in slow.modules() if isinstance(m, nn.Linear))
         assert rel_err(slow_logits, fast_logits) < 0.02
@@ -357,19 +246,20 @@ def test_bf16_mode_on_our_kernel_and_without(tiny_config: Config, monkeypatch: p
         monkeypatch.setattr(kernels, "bf16_supported", lambda: False)
         plain = quantize_model(copy.deepcopy(reference), "bf16")
         expected = plain(ids)
-    assert packed.quantize_backend == "vnni" and plain.quantize_backend == "torch"
+    assert packed.quantization.backend == "vnni" and plain.quantization.backend == "torch"
     assert isinstance(packed.lm_head, BF16Linear) and isinstance(packed.model.layers[0].self_attn.qkv_proj, BF16Linear)
     assert not any(isinstance(m, nn.Linear) for m in packed.modules())
     assert all(m.weight.dtype == torch.bfloat16 for m in plain.modules() if isinstance(m, nn.Linear))
     assert plain.lm_head.weight is plain.model.embed_tokens.weight  # plain bf16 keeps the tie
-    assert got.dtype == expected.dtype == torch.bfloat16 and rel_err(got, expected) < 0.02
+    # our packed output projection gives float32 logits (PackedLinear.float_input); a plain bf16 one, bf16
+    assert got.dtype == torch.float32 and expected.dtype == torch.bfloat16 and rel_err(got, expected) < 0.02
     with pytest.raises(ValueError, match="already quantised"):
         quantize_model(packed, "int8")
 
 
 def test_int4_head_option(tiny_config: Config) -> None:
     model = quantize_model(tiny_model(tiny_config), "int4", head="int4")
-    assert isinstance(model.lm_head, (Q4Linear, Int4Linear)) or model.quantize_backend == "bf16"
+    assert isinstance(model.lm_head, (Q4Linear, Int4Linear)) or model.quantization.backend == "bf16"
     with pytest.raises(ValueError, match="head must be 'int8' or 'int4'"):
         quantize_model(tiny_model(tiny_config), "int4", head="bf16")
 

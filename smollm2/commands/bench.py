@@ -1,7 +1,8 @@
 """`smollm2 bench`: prefill and decode speed of our modes beside transformers and llama.cpp, as one table.
 
-The measuring is in smollm2/bench.py (each configuration in its own process); this file parses the options,
-prints the table and, last, the whole result as one JSON line.
+The measuring is in smollm2/bench.py (each configuration in its own process, `python -m smollm2.bench --worker`);
+this file parses the options (for `python -m smollm2.bench` too), prints the table and, last, the whole result as
+one JSON line.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from ..bench import OUR_MODES, PEERS, format_table, run_bench
+from ..defaults import BENCH_PEERS as PEERS
+from ..defaults import QUANTIZE_MODES as OUR_MODES
+from .options import add_source_argument
 
 
 def _names(allowed: tuple[str, ...], flag: str):
@@ -27,9 +30,7 @@ def _names(allowed: tuple[str, ...], flag: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", default=None,
-                        help="the model: a .gguf file, an original-layout directory or a hub id "
-                             "(default: the bundled SmolLM2-135M-Instruct Q4_1 GGUF)")
+    add_source_argument(parser)
     parser.add_argument("--modes", "--quantize", dest="modes", type=_names(OUR_MODES, "--modes"), default=OUR_MODES,
                         help=f"our modes (--quantize values) to run, comma-separated (default: {','.join(OUR_MODES)})")
     parser.add_argument("--against", type=_names(PEERS + ("none",), "--against"), default=PEERS,
@@ -45,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+
+    from ..bench import format_table, run_bench
 
     console = Console(width=None if sys.stdout.isatty() else 160)  # a file or pipe gets the whole table
     against = tuple(p for p in args.against if p != "none")

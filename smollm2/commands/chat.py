@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..generate import chat
-from .generate import (
+from .options import (
     add_generation_options,
     add_source_argument,
     add_speed_options,
@@ -30,8 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..generate import chat
+
     config = generation_config(args)
-    model, tokenizer, step = load_for_inference(args)
+    model, tokenizer = load_for_inference(args)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": text})
         messages = ([{"role": "system", "content": system}] if system is not None else []) + history
         try:
-            stream = chat(model, tokenizer, messages, config=config, step=step)
+            stream = chat(model, tokenizer, messages, config=config)
         except ValueError as e:  # e.g. the conversation no longer fits the context: keep the REPL alive
             history.pop()
             print(f"error: {e} (/reset starts over)", file=sys.stderr)

@@ -16,20 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..compare import (
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_PROMPTS,
-    DEFAULT_TOLERANCE,
-    MissingExtra,
-    Report,
-    build_report,
-    check_options,
-    import_transformers,
-)
-from ..loading import BUNDLED_FILE, BUNDLED_WHEEL
+from ..defaults import COMPARE_MAX_NEW_TOKENS, COMPARE_PROMPTS, COMPARE_TOLERANCE
+from .options import add_source_argument
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from ..compare import Report
 
 WIDTH = 100  # the report is laid out for 100 columns; wider terminals get the same layout
 
@@ -37,15 +30,14 @@ WIDTH = 100  # the report is laid out for 100 columns; wider terminals get the s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("exit status: 0 when ours and transformers agree within the tolerance, 1 when they do not, "
                      "2 on bad input")
-    parser.add_argument("--source", default=None,
-                        help="weights to compare: a .gguf file, an original-layout directory or a hub id "
-                             "(default: the bundled SmolLM2-135M-Instruct Q4_1 GGUF)")
-    parser.add_argument("--prompts", nargs="+", metavar="TEXT", default=list(DEFAULT_PROMPTS),
-                        help=f"prompts for the logits and greedy continuations (default: {len(DEFAULT_PROMPTS)} "
+    add_source_argument(parser, help="weights to compare: a .gguf file, an original-layout directory or a hub id "
+                                     "(default: the bundled SmolLM2-135M-Instruct Q4_1 GGUF)")
+    parser.add_argument("--prompts", nargs="+", metavar="TEXT", default=list(COMPARE_PROMPTS),
+                        help=f"prompts for the logits and greedy continuations (default: {len(COMPARE_PROMPTS)} "
                              "short English and code prompts)")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+    parser.add_argument("--max-new-tokens", type=int, default=COMPARE_MAX_NEW_TOKENS,
                         help="length of each greedy continuation (default: %(default)s)")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+    parser.add_argument("--tolerance", type=float, default=COMPARE_TOLERANCE,
                         help="largest max |ours - transformers| accepted for weights, hidden states and logits "
                              "(default: %(default)g)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
@@ -54,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+
+    from ..compare import MissingExtra, build_report, check_options, import_transformers
+    from ..loading import BUNDLED_FILE, BUNDLED_WHEEL
 
     console = Console(width=WIDTH) if not _is_narrow_terminal() else Console()
     check_options(args.prompts, args.max_new_tokens, args.tolerance)

@@ -11,23 +11,16 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from ..data import encode_file, load_tokens, read_manifest, tokenizer_sha256
-from ..perplexity import perplexity
-from ..quantize import MODES
+from .options import add_quantize_argument, add_source_argument
 
 log = logging.getLogger(__name__)
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype: torch's name for it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="DATA_DIR|TEXT_FILE",
                         help="a directory made by `smollm2 prepare`, or a UTF-8 text file")
-    parser.add_argument("--source", default=None,
-                        help="the model: a .gguf file, an original-layout directory or a hub id "
-                             "(default: the bundled SmolLM2-135M-Instruct GGUF)")
+    add_source_argument(parser)
     parser.add_argument("--split", choices=["val", "train"], default="val",
                         help="which split of a data directory (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=1024, help="window length in tokens (default: %(default)s)")
@@ -37,14 +30,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="(default: %(default)s)")
-    parser.add_argument("--quantize", choices=MODES, default="none",
-                        help="weights: none (default), bf16, int8 or int4 (weight-only, CPU): what each mode costs")
+    add_quantize_argument(parser, "none", help="weights: none (default), bf16, int8 or int4 (weight-only, CPU): "
+                                              "what each mode costs")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available, else cpu)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from ..data import encode_file, load_tokens, read_manifest, tokenizer_sha256
     from ..loading import load
+    from ..perplexity import perplexity
 
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")
@@ -52,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if not data.exists():
         raise ValueError(f"--data {data}: no such file or directory")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load(args.source, dtype=_DTYPES[args.dtype], device=device, quantize=args.quantize)
+    dtype = getattr(torch, _DTYPES[args.dtype])
+    model, tokenizer = load(args.source, dtype=dtype, device=device, quantize=args.quantize)
     if data.is_dir():
         manifest = read_manifest(data)
         if manifest["tokenizer"].get("sha256") != tokenizer_sha256(tokenizer):

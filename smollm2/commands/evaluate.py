@@ -13,23 +13,21 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..eval_tasks import CARD_ROWS, TASKS, Item, accuracy, default_data_dir, load_task, model_card_scores
-from ..evaluate import ItemResult, default_chat_template, score_items
-from ..quantize import MODES
+from .options import add_quantize_argument, add_source_argument
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    from ..evaluate import ItemResult
+
+_DTYPES = ("bfloat16", "float32")  # --dtype: torch's names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help=f"comma-separated task names (default: all of {', '.join(TASKS)})")
-    parser.add_argument("--source", default=None,
-                        help="weights: a .gguf file, an original-layout directory or a hub id "
-                             "(default: the bundled SmolLM2-135M-Instruct Q4_1 GGUF)")
+    add_source_argument(parser)
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="score only the first N items of each task")
     parser.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
@@ -40,17 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, dest="json_path", metavar="FILE",
                         help="write results and per-item predictions to this file")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="items per forward pass (default: 8)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
+    parser.add_argument("--dtype", choices=_DTYPES, default="float32",
                         help="compute dtype (default: float32, what the numbers in notes/eval_results.md used)")
-    parser.add_argument("--quantize", choices=MODES, default="none",
-                        help="weights: none (default: the exact model), bf16, int8 or int4 (weight-only, CPU)")
+    add_quantize_argument(parser, "none", help="weights: none (default: the exact model), bf16, int8 or int4 "
+                                              "(weight-only, CPU)")
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """(model, tokenizer, name): the one place where the model is built (and quantised, with --quantize)."""
+    import torch
+
     from ..loading import BUNDLED_FILE, load
 
-    model, tokenizer = load(args.source, dtype=_DTYPES[args.dtype], quantize=args.quantize)
+    model, tokenizer = load(args.source, dtype=getattr(torch, args.dtype), quantize=args.quantize)
     return model.eval(), tokenizer, str(args.source) if args.source is not None else BUNDLED_FILE
 
 
@@ -78,6 +78,8 @@ def _data_dir(given: Path | None) -> Path:
 def _score_task(name: str, items: list[Item], model: Any, tokenizer: Any, chat_template: bool,
                 batch_size: int) -> list[ItemResult]:
     from tqdm import tqdm
+
+    from ..evaluate import score_items
 
     results: list[ItemResult] = []
     hits = hits_norm = 0
@@ -139,6 +141,10 @@ def _print_table(summary: dict[str, dict[str, Any]], card_rows: dict[str, dict[s
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..evaluate import default_chat_template
+
     names = _parse_tasks(args.tasks)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..data import MIN_VAL_DOCUMENTS, prepare
+from ..defaults import MIN_VAL_DOCUMENTS, VAL_FRACTION
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "recursively, is one document)")
     parser.add_argument("--out", required=True, metavar="DATA_DIR",
                         help="the data directory to write: train.bin, val.bin, manifest.json, tokenizer.json")
-    parser.add_argument("--val-fraction", type=float, default=0.1,
+    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
                         help="share held out for validation, in [0, 1): the last part of each document's tokens, "
                              f"or whole documents when that holds out at least {MIN_VAL_DOCUMENTS} "
                              "(default: %(default)s)")
@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data import prepare
+
     manifest = prepare(args.input, args.out, val_fraction=args.val_fraction, tokenizer_source=args.tokenizer,
                        force=args.force, progress=True)
     documents = sum(s["documents"] for s in manifest["sources"])

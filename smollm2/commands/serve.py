@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
-from .generate import add_speed_options, load_for_inference
+from ..defaults import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
+from .options import add_source_argument, add_speed_options, load_for_inference
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", default=None,
-                        help="the model: a .gguf file, an original-layout directory or a hub id "
-                             "(default: the bundled SmolLM2-135M-Instruct GGUF)")
+    add_source_argument(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: %(default)s, this machine only; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
@@ -33,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest prompt + completion accepted (default: the model's)")
     parser.add_argument("--model-name", default=None,
                         help="the model id clients send and /v1/models lists (default: from the source)")
-    add_speed_options(parser)
+    add_speed_options(parser, compile=True)  # a server runs long: the one-off compile pays back
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,10 +44,9 @@ def run(args: argparse.Namespace) -> int:
     for flag, value, minimum in (("--max-concurrency", args.max_concurrency, 1), ("--max-queue", args.max_queue, 0)):
         if value < minimum:
             raise ValueError(f"{flag} must be at least {minimum}, got {value}")
-    model, tokenizer, step = load_for_inference(args)
+    model, tokenizer = load_for_inference(args)
     app = create_app(model, tokenizer, api_key=args.api_key, max_concurrency=args.max_concurrency,
-                     max_queue=args.max_queue, model_name=args.model_name, context_length=args.context_length,
-                     step=step)
+                     max_queue=args.max_queue, model_name=args.model_name, context_length=args.context_length)
     print(f"smollm2 serve: http://{args.host}:{args.port}/ (chat page), http://{args.host}:{args.port}/v1 (API)",
           flush=True)
     run_server(app, args.host, args.port)

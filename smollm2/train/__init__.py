@@ -6,10 +6,37 @@
     loop.py        the training loop (DDP / FSDP2, bf16 autocast, compile, eval, samples, plot)
     checkpoint.py  crash-safe checkpoints, safetensors + JSON only
     dist.py        torchrun environment, process group, rank-0 output
+
+The names below are imported on first use (PEP 562): `smollm2 train --help` reads TrainConfig (config.py, no
+torch) without loading the training loop.
 """
 
-from .checkpoint import checkpoint_model, latest_checkpoint, load_checkpoint
-from .config import TrainConfig
-from .loop import NonFiniteLossError, train
+from __future__ import annotations
+
+import importlib as _importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .checkpoint import checkpoint_model, latest_checkpoint, load_checkpoint
+    from .config import TrainConfig
+    from .loop import NonFiniteLossError, train
+
+_EXPORTS = {
+    "NonFiniteLossError": "loop", "TrainConfig": "config", "checkpoint_model": "checkpoint",
+    "latest_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "train": "loop",
+}
 
 __all__ = ["NonFiniteLossError", "TrainConfig", "checkpoint_model", "latest_checkpoint", "load_checkpoint", "train"]
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -15,6 +15,8 @@ written and fsynced, and only then is the directory renamed to its final name (r
 point leaves either no `step_000500/` at all or a complete one; readers ignore directories without COMPLETE.
 Older checkpoints are deleted only after the new one is in place, keeping the newest `keep_last`.
 Nothing is ever pickled: tensors go to safetensors (a JSON header and raw bytes), everything else to JSON.
+The directory names, the COMPLETE marker and finding a run's newest checkpoint are smollm2/checkpoint_format.py's
+(torch-free, shared with `smollm2.load(RUN_DIR)`); they are re-exported here.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +32,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint_format import (  # the layout and finding checkpoints, shared with smollm2.load (no torch)
+    CHECKPOINTS,
+    COMPLETE,
+    FORMAT,
+    check_complete,
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_checkpoint,
+)
 from ..config import Config
 from ..data import fsync_dir
 from .config import TrainConfig
 
-CHECKPOINTS = "checkpoints"  # subdirectory of the run directory
-COMPLETE = "COMPLETE"
-FORMAT = "smollm2-checkpoint-v1"
-_NAME = re.compile(r"^step_(\d+)$")
+__all__ = [
+    "CHECKPOINTS", "COMPLETE", "FORMAT", "Checkpoint", "capture_rng", "checkpoint_model", "checkpoint_name",
+    "latest_checkpoint", "list_checkpoints", "load_checkpoint", "resolve_checkpoint", "restore_rng",
+    "save_checkpoint",
+]
 
 
 @dataclass
@@ -53,40 +65,6 @@ class Checkpoint:
     optimizer_state: dict[str, Any]  # torch's optimizer state-dict layout, parameters named by key
     trainer: dict[str, Any]  # trainer.json
     rng_tensors: dict[str, torch.Tensor]  # rng.safetensors
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The complete checkpoints of a run, oldest first (by step)."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / COMPLETE).is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run directory, or None. Half-written ones are never returned."""
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory meaning its newest complete checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such run or checkpoint directory")
-    if (path / COMPLETE).is_file():
-        return path
-    if _NAME.match(path.name) or path.name.startswith(".tmp-"):
-        raise ValueError(f"{path}: incomplete checkpoint (no {COMPLETE} marker: its write was interrupted)")
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise ValueError(f"{path}: no complete checkpoint in {path / CHECKPOINTS}")
-    return latest
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------
@@ -221,21 +199,6 @@ def restore_rng(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
 # ---- reading -----------------------------------------------------------------------------------------------------
 
 
-def _check_complete(path: Path) -> int:
-    """The step of a complete checkpoint whose files all have the sizes its COMPLETE marker lists."""
-    try:
-        marker = json.loads((path / COMPLETE).read_text(encoding="utf-8"))
-        step, files = int(marker["step"]), dict(marker["files"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: unreadable {COMPLETE} marker ({e})") from None
-    for name, size in files.items():
-        file = path / name
-        if not file.is_file() or file.stat().st_size != size:
-            found = file.stat().st_size if file.is_file() else "missing"
-            raise ValueError(f"{file}: {found} bytes, but the checkpoint was written with {size}")
-    return step
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -256,7 +219,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint (or a run directory's newest one) onto the CPU."""
     path = resolve_checkpoint(path)
-    step = _check_complete(path)
+    step = check_complete(path)
     trainer = _read_json(path / "trainer.json")
     if trainer.get("format") != FORMAT:
         raise ValueError(f"{path / 'trainer.json'}: format {trainer.get('format')!r}, expected {FORMAT!r}")
@@ -279,5 +242,5 @@ def checkpoint_model(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]
     For `smollm2.load(RUN_DIR)`: build the model with `weights.build_model(config, state_dict, ...)`.
     """
     path = resolve_checkpoint(path)
-    _check_complete(path)
+    check_complete(path)
     return Config.from_json(path / "config.json"), _read_tensors(path / "model.safetensors")

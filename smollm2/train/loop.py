@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import PRESETS, Config, preset
 from ..data import load_tokenizer
-from ..kv_cache import KVCache
+from ..generate import decode_step, generate
 from ..model import SmolLM2
 from ..tokenizer import Tokenizer
 from . import dist
@@ -90,8 +90,8 @@ def lr_at(config: TrainConfig, step: int) -> float:
 class LossModel(nn.Module):
     """SmolLM2 and its loss in one forward pass: the module that DDP and FSDP2 wrap.
 
-    With labels: the summed cross-entropy, computed without the full logits (see loss.py). Without: the logits
-    of the last position only, for greedy sampling. Going through forward matters under DDP (which prepares
+    With labels: the summed cross-entropy, computed without the full logits (see loss.py). Without: the model's
+    forward, which the greedy samples decode through. Going through forward matters under DDP (which prepares
     gradient sync there) and FSDP2 (which gathers the shared weights there).
     """
 
@@ -100,11 +100,16 @@ class LossModel(nn.Module):
         self.model = model
         self.compute_dtype = compute_dtype
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        h = self.model.hidden(input_ids, cache=cache, start=start)  # (B, T, hidden)
+    @property
+    def config(self) -> Config:
+        return self.model.config
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **options: object) -> torch.Tensor:
+        """The summed loss with labels; without, the model's own forward (options: SmolLM2.forward's), so that
+        `generate` can decode through this module (the trainer's samples do)."""
         if labels is None:
-            return self.model.lm_head(h[:, -1])  # (B, vocab)
+            return self.model(input_ids, **options)
+        h = self.model(input_ids, output="hidden")  # (B, T, hidden)
         return linear_cross_entropy(h.flatten(0, 1), self.model.lm_head.weight, labels.flatten(),
                                     self.compute_dtype)
 
@@ -458,20 +463,13 @@ class Trainer:
         ids = self.tokenizer.encode(prompt)
         if not ids or max(ids) >= self.model_config.vocab_size:
             return None
-        total = min(len(ids) + self.config.sample_tokens, self.model_config.max_position_embeddings)
-        dtype = torch.bfloat16 if self.bf16 else torch.float32
-        cache = KVCache(self.model_config, 1, total, dtype=dtype, device=self.device)
+        new_tokens = min(self.config.sample_tokens, self.model_config.max_position_embeddings - len(ids))
+        if new_tokens < 1:
+            return ""
         eot = self.data.manifest["eot_id"]
-        out: list[int] = []
         with self.autocast(), self.eager():
-            logits = self.core(torch.tensor([ids], device=self.device), cache=cache, start=0)  # (1, vocab)
-            for pos in range(len(ids), total):
-                token = int(logits.argmax(-1))
-                if token == eot:
-                    break
-                out.append(token)
-                if pos + 1 < total:
-                    logits = self.core(torch.tensor([[token]], device=self.device), cache=cache, start=pos)
+            # the eager step, through self.core: under FSDP, its forward gathers the sharded weights
+            out = list(generate(self.core, ids, max_new_tokens=new_tokens, eos_ids=(eot,), step=decode_step))
         return self.tokenizer.decode(out)
 
     def samples(self, step: int) -> None:

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -23,7 +24,6 @@ pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect  # waits by polling from Python: the page's CSP forbids the eval wait_for_function uses
 
-from smollm2.engine import Job  # noqa: E402
 from smollm2.serve import create_app  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -122,6 +122,15 @@ def test_chat_page_streams_and_keeps_the_conversation(real, page, tmp_path):
 INJECTION = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script><b>bold</b> & done'
 
 
+@dataclass
+class StubJob:
+    """What the server reads of an engine.Job: the prompt, the new ids and the finish reason."""
+
+    prompt_ids: list[int]
+    new_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
 class StubEngine:
     """Stands in for the Engine: every request gets the same reply, a string full of HTML."""
 
@@ -131,13 +140,13 @@ class StubEngine:
 
     def shutdown(self) -> None: ...
 
-    def cancel(self, job: Job) -> None: ...
+    def cancel(self, job: StubJob) -> None: ...
 
     def stats(self) -> dict:
         return {}
 
-    def submit(self, prompt_ids, config, on_event) -> Job:
-        job = Job(list(prompt_ids), config, on_event)
+    def submit(self, prompt_ids, config, on_event) -> StubJob:
+        job = StubJob(list(prompt_ids))
 
         def reply() -> None:
             for piece in (INJECTION[:20], INJECTION[20:]):

@@ -1,0 +1,96 @@
+"""Options shared by several commands: the model (--source, --quantize, --compile) and the sampling flags.
+
+Building a parser imports no torch (the defaults shown in --help come from smollm2/defaults.py); the library
+is imported when a command runs, by `generation_config` and `load_for_inference`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from ..defaults import (
+    DEFAULT_QUANTIZE,
+    MAX_NEW_TOKENS,
+    MIN_P,
+    QUANTIZE_MODES,
+    REPETITION_PENALTY,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+)
+
+if TYPE_CHECKING:
+    from ..generate import GenerationConfig
+
+SOURCE_HELP = ("the model: a .gguf file, an original-layout directory or a hub id "
+               "(default: the bundled SmolLM2-135M-Instruct Q4_1 GGUF)")
+
+
+def add_source_argument(parser: argparse._ActionsContainer, help: str = SOURCE_HELP) -> None:
+    """--source: where the weights come from (smollm2.load's `source`; None is the bundled model)."""
+    parser.add_argument("--source", default=None, help=help)
+
+
+def add_quantize_argument(parser: argparse._ActionsContainer, default: str, help: str) -> None:
+    """--quantize MODE, one of smollm2.quantize's modes (smollm2.load's `quantize`)."""
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default=default, help=help)
+
+
+def add_speed_options(parser: argparse.ArgumentParser, *, compile: bool = False) -> None:
+    """--quantize and --compile/--no-compile, shared by generate, chat and serve (see load_for_inference).
+
+    compile: the default, True where a compile pays back (a server runs for long; a one-off generate does
+    not: BENCHMARKS.md has the compile times)."""
+    group = parser.add_argument_group("speed (BENCHMARKS.md measures each choice)")
+    add_quantize_argument(
+        group, DEFAULT_QUANTIZE,
+        help="weights: none (float32, exactly the original's numbers), bf16, int8 or int4 (weight-only, "
+             "llama.cpp's Q8_0 / Q4_1 blocks of 32). Default: %(default)s, the fastest decode that keeps quality "
+             "(+0.1-0.3%% perplexity on held-out text)")
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile,
+                       help="the fast path, smollm2.load(..., compile=True): our decode kernels and a compiled "
+                            "decode step, ~2x faster tokens after a one-off compile (seconds to a minute, cached "
+                            "by torch for later runs) (default: %(default)s)")
+
+
+def load_for_inference(args: argparse.Namespace):  # -> (SmolLM2, Tokenizer)
+    """The model of --source, quantised as --quantize says, on the fast path if --compile: the library's one
+    switch, `smollm2.load(..., compile=True)`, so the command line decodes exactly as the library does."""
+    from ..loading import load
+
+    model, tokenizer = load(args.source, quantize=args.quantize, compile=args.compile)
+    return model.eval(), tokenizer
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """The sampling flags, one per GenerationConfig field; `generation_config(args)` reads them back."""
+    group = parser.add_argument_group("generation")
+    group.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, metavar="N",
+                       help="generate at most N tokens (default: %(default)s)")
+    group.add_argument("--temperature", type=float, default=TEMPERATURE, metavar="T",
+                       help="sampling temperature; 0 = greedy (default: %(default)s)")
+    group.add_argument("--top-k", type=int, default=TOP_K, metavar="K",
+                       help="sample among the K most likely tokens; 0 = off (default: %(default)s)")
+    group.add_argument("--top-p", type=float, default=TOP_P, metavar="P",
+                       help="sample among the most likely tokens up to total probability P; 1 = off "
+                            "(default: %(default)s)")
+    group.add_argument("--min-p", type=float, default=MIN_P, metavar="P",
+                       help="drop tokens less than P times as likely as the best; 0 = off (default: %(default)s)")
+    group.add_argument("--repetition-penalty", type=float, default=REPETITION_PENALTY, metavar="R",
+                       help="> 1 discourages repeating tokens; 1 = off (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=None,
+                       help="random seed: the same seed gives the same text (default: a fresh one)")
+    group.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                       help="stop when TEXT is generated (not shown); repeat for several")
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    """The GenerationConfig of the parsed flags; invalid values raise ValueError before anything is loaded."""
+    from ..generate import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )

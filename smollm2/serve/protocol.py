@@ -1,0 +1,402 @@
+"""The OpenAI API's wire format, without a web framework: reading request bodies and answering in OpenAI's shapes.
+
+Everything here is plain Python over dicts and strings (no FastAPI, Starlette or uvicorn, no engine thread), so
+it can be tested directly: the body's JSON, each field's type and range, the prompt or the chat messages, the
+sampling options as a GenerationConfig, the API key check, and the dicts of responses, stream chunks and errors.
+smollm2/serve/app.py wires these to HTTP.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..generate import GenerationConfig
+
+if TYPE_CHECKING:
+    from ..model import SmolLM2
+    from ..tokenizer import Tokenizer
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: a full 8k-token context is ~40 KB of text, so this is generous
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # -> template role
+
+_COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
+                  "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}
+CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
+# Accepted only at the value that means "off": the engine has no penalties, logprobs or echo.
+_NO_OP_VALUES = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "logprobs": (False, 0),
+                 "top_logprobs": (0,), "echo": (False,), "suffix": ("",), "best_of": (1,)}
+_ROUTE_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error response in OpenAI's JSON shape."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """A 400: the request's body or one of its parameters is wrong."""
+    return APIError(400, message, param=param, code=code)
+
+
+def too_large() -> APIError:
+    return APIError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="request_too_large")
+
+
+def busy(reason: object) -> APIError:
+    """A 429: the engine's queue is full (clients retry after Retry-After)."""
+    return APIError(429, f"The server is busy: {reason}", type="rate_limit_error", code="rate_limit_exceeded",
+                    headers={"Retry-After": "1"})
+
+
+def server_error(message: str = "The server had an error while processing your request.") -> APIError:
+    return APIError(500, message, type="server_error")
+
+
+def route_error(status: int, method: str, path: str, detail: object,
+                headers: dict[str, str] | None = None) -> APIError:
+    """An unknown path (404) or method (405), or another error the router raised, in OpenAI's shape."""
+    return APIError(status, f"{method} {path}: {detail}", code=_ROUTE_ERROR_CODES.get(status), headers=headers)
+
+
+def validation_error(errors: list[dict[str, Any]], fallback: object) -> APIError:
+    """A 400 from the framework's own validation (errors as pydantic lists them: the first one is named)."""
+    first = errors[0] if errors else {}
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    return invalid(f"Invalid request: {first.get('msg', fallback)}", param)
+
+
+def check_api_key(authorization: str, api_key: str | None) -> None:
+    """A 401 unless the Authorization header is 'Bearer <api_key>' (nothing is needed when api_key is None)."""
+    if api_key is None:
+        return
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(token.strip().encode(), api_key.encode()):  # constant time
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+# ---- reading a request -----------------------------------------------------------------------------------
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a request body; anything that is not exactly that is a 400."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise invalid(f"The request body is not valid UTF-8 (byte {e.start} is {raw[e.start:e.start + 1]!r}).") \
+            from None
+
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        body = json.loads(text, parse_constant=no_constants)  # NaN and Infinity are Python's, not JSON's
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; deep nesting recurses
+        raise invalid(f"The request body is not valid JSON ({str(e) or type(e).__name__}).") from None
+    if not isinstance(body, dict):
+        raise invalid(f"The request body must be a JSON object, got {json_type(body)}.")
+    _check_strings(body)
+    return body
+
+
+def _check_strings(value: object) -> None:
+    """Reject lone surrogates ("\\ud800"): JSON escapes can spell them, UTF-8 (and the tokenizer) cannot."""
+    stack = [value]
+    while stack:  # iterative: the nesting depth is the client's choice
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise invalid(f"The request body contains a lone surrogate ({item[e.start]!r}), which is not "
+                              "valid Unicode text.") from None
+
+
+def _same(value: object, expected: object) -> bool:
+    """value == expected, without Python's True == 1 == 1.0 (but 0 and 0.0 are the same JSON number)."""
+    number = (int, float)
+    return (value == expected and isinstance(value, bool) == isinstance(expected, bool)
+            and isinstance(value, number) == isinstance(expected, number))
+
+
+def show(value: object, limit: int = 60) -> str:
+    """A client's value for an error message, cut short: the message must not echo a 1 MiB body."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def json_type(value: object) -> str:
+    """What a JSON value is, as an error message says it: "an integer", "null", ..."""
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+             dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+class Fields:
+    """A request's JSON object, read one field at a time; each bad field is a 400 that names it."""
+
+    def __init__(self, body: dict[str, Any], known: set[str]) -> None:
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise invalid(f"Unrecognized request argument supplied: {show(unknown[0])}", unknown[0][:100])
+        for name, allowed in _NO_OP_VALUES.items():
+            value = body.get(name)
+            if value is not None and not any(_same(value, a) for a in allowed):
+                raise invalid(f"'{name}' is not supported by this server (only {allowed[0]!r} or null), "
+                              f"got {show(value)}", name)
+        self.body = body
+
+    def get(self, name: str, kinds: tuple[type, ...], what: str) -> Any:
+        value = self.body.get(name)
+        if value is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            raise invalid(f"Invalid type for '{name}': expected {what}, but got {json_type(value)}.", name)
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float, *, low_open: bool = False) -> float:
+        value = self.get(name, (int, float), "a number")
+        if value is None:
+            return default
+        if not (low < value <= high if low_open else low <= value <= high):
+            bounds = f"{'>' if low_open else '>='} {low} and <= {high}"
+            raise invalid(f"Invalid value for '{name}': {show(value)} (it must be {bounds}).", name)
+        return float(value)
+
+    def integer(self, name: str, low: int, high: int | None = None) -> int | None:
+        value = self.get(name, (int,), "an integer")
+        if value is not None and (value < low or (high is not None and value > high)):
+            bounds = f">= {low}" + (f" and <= {high}" if high is not None else "")
+            raise invalid(f"Invalid value for '{name}': {show(value)} (it must be {bounds}).", name)
+        return value
+
+    def stop(self) -> list[str]:
+        value = self.body.get("stop")
+        stops = [value] if isinstance(value, str) else value
+        if stops is None:
+            return []
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise invalid("Invalid value for 'stop': expected a non-empty string or an array of them.", "stop")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise invalid(f"Invalid value for 'stop': at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}.",
+                          "stop")
+        return stops
+
+    def stream(self) -> tuple[bool, bool]:
+        """(stream, include_usage)."""
+        stream = bool(self.get("stream", (bool,), "a boolean"))
+        options = self.get("stream_options", (dict,), "an object")
+        if options is None:
+            return stream, False
+        if not stream:
+            raise invalid("'stream_options' is only allowed when 'stream' is true.", "stream_options")
+        unknown = sorted(set(options) - {"include_usage"})
+        if unknown:
+            raise invalid(f"Unrecognized argument in 'stream_options': {show(unknown[0])}",
+                          f"stream_options.{unknown[0][:100]}")
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise invalid("Invalid type for 'stream_options.include_usage': expected a boolean.",
+                          "stream_options.include_usage")
+        return stream, include_usage
+
+
+def check_model(fields: Fields, served: str) -> None:
+    """A 400 without a model, a 404 for any model but the one this server runs."""
+    requested = fields.get("model", (str,), "a string")
+    if requested is None:
+        raise invalid("You must provide a model parameter.", "model")
+    if requested != served:
+        raise APIError(404, f"The model {show(requested)} does not exist; this server runs '{served}'.",
+                       param="model", code="model_not_found")
+
+
+def read_chat_request(body: dict[str, Any], served: str) -> tuple[Fields, list[dict[str, str]]]:
+    """A /v1/chat/completions body -> (its fields, the messages for the chat template)."""
+    fields = Fields(body, CHAT_FIELDS)
+    check_model(fields, served)
+    if "messages" not in fields.body:
+        raise invalid("Missing required parameter: 'messages'.", "messages")
+    return fields, parse_messages(fields.body["messages"])
+
+
+def read_completion_request(body: dict[str, Any], served: str) -> tuple[Fields, object]:
+    """A /v1/completions body -> (its fields, the prompt as sent; parse_prompt turns it into token ids)."""
+    fields = Fields(body, COMPLETION_FIELDS)
+    check_model(fields, served)
+    if "prompt" not in fields.body:
+        raise invalid("Missing required parameter: 'prompt'.", "prompt")
+    return fields, fields.body["prompt"]
+
+
+def parse_messages(value: object) -> list[dict[str, str]]:
+    """OpenAI chat messages -> [{"role", "content"}] for the chat template (text content only)."""
+    if not isinstance(value, list) or not value:
+        raise invalid("'messages' must be a non-empty array of {\"role\", \"content\"} objects.", "messages")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise invalid(f"'{where}' must be an object with 'role' and 'content', got {json_type(message)}.",
+                          where)
+        unknown = sorted(set(message) - {"role", "content", "name"})
+        if unknown:
+            raise invalid(f"Unrecognized argument in '{where}': {show(unknown[0])}", f"{where}.{unknown[0][:100]}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise invalid(f"Invalid value for '{where}.role': {show(role)} (supported: system, developer, user, "
+                          "assistant).", f"{where}.role")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       and set(p) == {"type", "text"} for p in content):
+                raise invalid(f"Invalid value for '{where}.content': only text parts "
+                              "({\"type\": \"text\", \"text\": ...}) are supported.", f"{where}.content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise invalid(f"Invalid type for '{where}.content': expected a string or an array of text parts, "
+                          f"but got {json_type(content)}.", f"{where}.content")
+        if message.get("name") is not None and not isinstance(message["name"], str):
+            raise invalid(f"Invalid type for '{where}.name': expected a string.", f"{where}.name")
+        messages.append({"role": ROLES[role], "content": content})
+    return messages
+
+
+def parse_prompt(value: object, tokenizer: Tokenizer, vocab_size: int) -> list[int]:
+    """A completion prompt -> token ids: a string (special tokens allowed), one string in an array, or ids."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        value = value[0]
+    if isinstance(value, str):
+        if not value:
+            raise invalid("'prompt' must not be empty.", "prompt")
+        return tokenizer.encode(value)
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        bad = [t for t in value if not 0 <= t < vocab_size]
+        if bad:
+            raise invalid(f"Invalid value for 'prompt': token id {bad[0]} is outside the vocabulary "
+                          f"(0..{vocab_size - 1}).", "prompt")
+        return list(value)
+    raise invalid("Invalid value for 'prompt': expected a non-empty string, an array with one string, or a "
+                  "non-empty array of token ids (this server does not batch several prompts).", "prompt")
+
+
+def generation_config(fields: Fields, prompt_tokens: int, context: int, *, default_max_tokens: int,
+                      prompt_param: str, stop_ids: tuple[int, ...] = ()) -> GenerationConfig:
+    """The request's sampling options, after checking them and the prompt's length against the context."""
+    max_tokens = fields.integer("max_tokens", 1)
+    if "max_completion_tokens" in fields.body:  # the chat API's newer name for the same thing
+        newer = fields.integer("max_completion_tokens", 1)
+        if max_tokens is not None and newer is not None and newer != max_tokens:
+            raise invalid("'max_tokens' and 'max_completion_tokens' disagree; send one of them.",
+                          "max_completion_tokens")
+        max_tokens = newer if newer is not None else max_tokens
+    if max_tokens is None:
+        max_tokens = max(1, min(default_max_tokens, context - prompt_tokens))
+    if prompt_tokens + max_tokens > context:
+        raise invalid(f"This model's maximum context length is {context} tokens. However, you requested "
+                      f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {prompt_param}, {max_tokens} "
+                      "in the completion). Please reduce the length of the messages or completion.",
+                      prompt_param, code="context_length_exceeded")
+    n = fields.get("n", (int,), "an integer")
+    if n is not None and n != 1:
+        raise invalid(f"Invalid value for 'n': {show(n)}; this server generates one choice per request (n=1).", "n")
+    fields.get("user", (str,), "a string")
+    try:
+        return GenerationConfig(
+            max_new_tokens=max_tokens,
+            temperature=fields.number("temperature", 1.0, 0.0, 2.0),
+            top_p=fields.number("top_p", 1.0, 0.0, 1.0, low_open=True),
+            seed=fields.integer("seed", 0, 2**63 - 1),
+            stop=(*fields.stop(), *stop_ids),
+        )
+    except ValueError as e:  # the checks above should catch everything first; never a 500 if they don't
+        raise invalid(str(e)) from None
+
+
+# ---- answering -------------------------------------------------------------------------------------------
+
+
+def default_model_name(model: SmolLM2) -> str:
+    """"SmolLM2-135M-Instruct" for the bundled weights; else the source's file or directory name."""
+    source = getattr(model, "source", None)
+    if not source:
+        return "smollm2"
+    name = Path(str(source)).name
+    return name.split(".")[0] if name.endswith(".gguf") else name
+
+
+def model_card(name: str, created: int) -> dict[str, Any]:
+    """The one model this server runs, as /v1/models lists it."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "smollm2"}
+
+
+def response_base(chat: bool, model_name: str) -> dict[str, Any]:
+    """The fields every response and chunk of one request share: a fresh id, the time, the model."""
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": model_name}
+
+
+def usage_counts(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_response(base: dict[str, Any], chat: bool, text: str, finish_reason: str | None,
+                        usage: dict[str, int]) -> dict[str, Any]:
+    """A whole (non-streamed) reply: a chat.completion with a message, or a text_completion with text."""
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish_reason}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return {**base, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+            "usage": usage}
+
+
+def chunk(base: dict[str, Any], chat: bool, text: str | None, finish_reason: str | None,
+          role: bool = False) -> dict[str, Any]:
+    """One streamed piece: chat chunks carry a delta (the first one the role), completion chunks the text."""
+    if chat:
+        delta: dict[str, str] = {"role": "assistant", "content": ""} if role else {}
+        if text:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**base, "object": "chat.completion.chunk", "choices": [choice]}
+    choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+    return {**base, "object": "text_completion", "choices": [choice]}
+
+
+def usage_chunk(base: dict[str, Any], chat: bool, usage: dict[str, int]) -> dict[str, Any]:
+    """The stream's last chunk with `stream_options.include_usage`: no choices, the token counts."""
+    return {**base, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [],
+            "usage": usage}
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event: a dict as JSON, or a string ("[DONE]") as it is."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
