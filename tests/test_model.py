@@ -173,3 +173,16 @@ def test_no_quadratic_mask_buffers() -> None:
         model = SmolLM2(preset("135m"))
     for name, buffer in model.named_buffers():
         assert buffer.numel() <= 8192 * 64, f"{name} has {buffer.numel()} elements"
+
+
+def test_forward_rejects_inconsistent_position_arguments(tiny_config: Config) -> None:
+    """The forward's own checks: a start without a cache, a tensor start without a mask, a too-narrow mask."""
+    model = SmolLM2(tiny_config).eval()
+    x = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="start=2 needs a cache"):
+        model(x, start=2)
+    cache = KVCache(tiny_config, 1, 16)
+    with pytest.raises(ValueError, match="a tensor start needs an attention_mask"):
+        model(x, cache=cache, start=torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(1, 5\) \(or be wider\), got \(1, 4\)"):
+        model(x, cache=cache, start=2, attention_mask=torch.ones(1, 4, dtype=torch.long))
