@@ -39,7 +39,7 @@ def bind_address(environ: Mapping[str, str] = os.environ) -> tuple[str, int]:
 
 def main() -> None:
     import smollm2
-    from smollm2.quantize import DEFAULT_MODE
+    from smollm2.quant.quantize import DEFAULT_MODE
     from smollm2.serve import create_app, run_server
 
     model, tokenizer = smollm2.load(quantize=os.environ.get("SMOLLM2_QUANTIZE", DEFAULT_MODE))

@@ -33,7 +33,7 @@ import openai
 import psutil
 import torch
 
-from smollm2.engine import DEFAULT_MAX_BATCH
+from smollm2.inference.engine import DEFAULT_MAX_BATCH
 
 REPO = Path(__file__).resolve().parents[1]
 TOPICS = ["the sea", "cats", "the moon", "bread", "rain", "mountains", "coffee", "trains", "music", "winter",

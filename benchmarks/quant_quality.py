@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import smollm2
-    from smollm2.generate import generate
-    from smollm2.perplexity import perplexity
-    from smollm2.quantize import quantize_model
+    from smollm2.eval.perplexity import perplexity
+    from smollm2.inference.generate import generate
+    from smollm2.quant.quantize import quantize_model
 
     base, tokenizer = smollm2.load(args.source)
     text = args.text.read_text(encoding="utf-8")[-9000:]

@@ -113,7 +113,8 @@ def _hf(bf16: bool, device: torch.device):
 
 
 def run_config(name: str, steps: int, warmup: int, device: torch.device) -> dict:
-    from smollm2.bench import gpu_peak_tflops, peak_rss_mb, reset_peak_rss, train_flops_per_token
+    from smollm2.bench.flops import gpu_peak_tflops, train_flops_per_token
+    from smollm2.bench.inference import peak_rss_mb, reset_peak_rss
     from smollm2.config import preset
 
     if name not in CONFIGS:

@@ -1,35 +1,38 @@
-"""smollm2: SmolLM2 rebuilt from torch primitives. `from smollm2 import load, Config, SmolLM2`.
+"""smollm2: SmolLM2 rebuilt from torch primitives. `from smollm2 import load, Config, SmolLM2, generate`.
 
-The names below are imported on first use (PEP 562), so `import smollm2` and `smollm2 --help` load no torch.
+The top level loads and runs the model (config, model, kv_cache, tokenizer, weights, gguf, checkpoint_format,
+loading); the subpackages are the applications built on it: inference/ (generation, the compiled step, the
+batching engine), quant/ (quantised layers and our C++ kernels), train/, eval/, serve/, bench/ and commands/
+(the command line). The names below are imported on first use (PEP 562), so `import smollm2` and
+`smollm2 --help` load no torch.
 """
 
 from __future__ import annotations
 
 import importlib as _importlib
-import sys as _sys
-import types as _types
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .config import Config
-    from .generate import GenerationConfig, chat, generate, generate_batch, stream_text
+    from .inference.config import GenerationConfig
+    from .inference.generate import chat, generate, generate_batch, stream_text
     from .loading import load
     from .model import SmolLM2
     from .tokenizer import Tokenizer
     from .weights import save_pretrained
 
-# public name -> the submodule that defines it
+# public name -> the module that defines it
 _EXPORTS = {
     "Config": "config",
-    "GenerationConfig": "generate",
+    "GenerationConfig": "inference.config",
     "SmolLM2": "model",
     "Tokenizer": "tokenizer",
-    "chat": "generate",
-    "generate": "generate",
-    "generate_batch": "generate",
+    "chat": "inference.generate",
+    "generate": "inference.generate",
+    "generate_batch": "inference.generate",
     "load": "loading",
     "save_pretrained": "weights",
-    "stream_text": "generate",
+    "stream_text": "inference.generate",
 }
 
 __all__ = [
@@ -55,21 +58,3 @@ def __getattr__(name: str) -> object:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-class _Package(_types.ModuleType):
-    """`smollm2.generate` is the function generate(), as `from smollm2 import generate` promises.
-
-    Importing the submodule smollm2.generate (which any module using it does) makes the import system set the
-    package's attribute `generate` to that submodule; this keeps the function there instead. (The submodule
-    is still `sys.modules["smollm2.generate"]`, and `from smollm2.generate import ...` works as always.)
-    """
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if (isinstance(value, _types.ModuleType) and value.__name__ == f"{__name__}.{name}"
-                and _EXPORTS.get(name) == name):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-_sys.modules[__name__].__class__ = _Package

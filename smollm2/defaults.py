@@ -4,23 +4,23 @@
 defaults cannot come from the torch-using modules that use them. They live here, once, and those modules take
 them from here:
 
-    quantize.py   MODES, DEFAULT_MODE                         = QUANTIZE_MODES, DEFAULT_QUANTIZE
-    generate.py   GenerationConfig's field defaults           = MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, MIN_P,
-                                                                REPETITION_PENALTY
-    engine.py     DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE        = the same names
-    data.py       MIN_VAL_DOCUMENTS, prepare's val_fraction     = MIN_VAL_DOCUMENTS, VAL_FRACTION
-    bench.py      OUR_MODES, PEERS                            = QUANTIZE_MODES, BENCH_PEERS
-    compare.py    DEFAULT_PROMPTS, DEFAULT_MAX_NEW_TOKENS,    = COMPARE_PROMPTS, COMPARE_MAX_NEW_TOKENS,
-                  DEFAULT_TOLERANCE                             COMPARE_TOLERANCE
+    quant/quantize.py     MODES, DEFAULT_MODE                = QUANTIZE_MODES, DEFAULT_QUANTIZE
+    inference/config.py   GenerationConfig's field defaults  = MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, MIN_P,
+                                                               REPETITION_PENALTY
+    inference/engine.py   DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE = the same names
+    train/prepare.py      MIN_VAL_DOCUMENTS, prepare's val_fraction = MIN_VAL_DOCUMENTS, VAL_FRACTION
+    bench/inference.py    OUR_MODES, PEERS                   = QUANTIZE_MODES, BENCH_PEERS
+    eval/parity.py        DEFAULT_PROMPTS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TOLERANCE
+                          = COMPARE_PROMPTS, COMPARE_MAX_NEW_TOKENS, COMPARE_TOLERANCE
 
 (tests/test_cli.py checks that each of those names equals its value here.)
 """
 
-# ---- weights (quantize.py: what each mode costs) ---------------------------------------------------------------
+# ---- weights (quant/quantize.py: what each mode costs)-----------------------------------------------------------
 QUANTIZE_MODES = ("none", "bf16", "int8", "int4")
 DEFAULT_QUANTIZE = "int4"  # the fastest decode that keeps quality (+0.1-0.3% perplexity on held-out text)
 
-# ---- generation (generate.py: GenerationConfig) ------------------------------------------------------------------
+# ---- generation (inference/config.py: GenerationConfig)--------------------------------------------------------------
 MAX_NEW_TOKENS = 256
 TEMPERATURE = 0.0  # 0 = greedy
 TOP_K = 0  # 0 = off
@@ -28,18 +28,18 @@ TOP_P = 1.0  # 1 = off
 MIN_P = 0.0  # 0 = off
 REPETITION_PENALTY = 1.0  # 1 = off
 
-# ---- training data (data.py: `smollm2 prepare`) -----------------------------------------------------------------
+# ---- training data (train/prepare.py: `smollm2 prepare`) -------------------------------------------------------
 VAL_FRACTION = 0.1  # share of the tokens held out for validation
 MIN_VAL_DOCUMENTS = 10  # hold out whole documents once this many would be held out
 
-# ---- serving (engine.py: Engine) ---------------------------------------------------------------------------------
+# ---- serving (inference/engine.py: Engine) ---------------------------------------------------------------------
 DEFAULT_MAX_BATCH = 32  # requests generated together, as one batch
 DEFAULT_MAX_QUEUE = 64  # requests that may wait for a row before new ones get 429
 
-# ---- `smollm2 bench` (bench.py) ------------------------------------------------------------------------------------
+# ---- `smollm2 bench` (bench/inference.py) -------------------------------------------------------------------------
 BENCH_PEERS = ("transformers", "llama.cpp")
 
-# ---- `smollm2 compare` (compare.py) --------------------------------------------------------------------------------
+# ---- `smollm2 compare` (eval/parity.py) ------------------------------------------------------------------------
 COMPARE_PROMPTS = (
     "The capital of France is",
     "def fibonacci(n):",

@@ -86,6 +86,24 @@ def download(repo_id: str) -> Path:
         ) from None
 
 
+def load_tokenizer(source: str | Path | None = None) -> tuple[Tokenizer, str]:
+    """(tokenizer, where it came from) for a tokenizer source, reading no model weights.
+
+    source: None (the bundled SmolLM2-135M-Instruct GGUF), a .gguf file, a directory with tokenizer.json
+    (an original-layout model, or a prepared data directory), a tokenizer.json file, or a hub id.
+    """
+    from .gguf import read_gguf, tokenizer_from_gguf
+
+    if source is not None and Path(source).expanduser().is_file() and Path(source).name == "tokenizer.json":
+        path = Path(source).expanduser().resolve()
+        return Tokenizer.from_dir(path.parent), str(path)
+    kind, path = resolve(source)
+    path = path.resolve()
+    if kind == "gguf":
+        return tokenizer_from_gguf(read_gguf(path), path), str(path)
+    return Tokenizer.from_dir(path), str(path)
+
+
 def load_weights(source: str | Path | None = None) -> tuple[Config, dict[str, torch.Tensor], Tokenizer]:
     """The config, float32 state dict and tokenizer of a source, before any model is built."""
     kind, path = resolve(source)
@@ -111,14 +129,14 @@ def load(
     quantize: "none" (dtype as given), "bf16", or "int8" / "int4" weight-only on the CPU, for inference
     (see quantize.py for what each costs). The mode is checked before anything is read. int4 from a GGUF of
     Q4_1 blocks (the bundled one) takes the blocks as they are (gguf_int4.py): the same model, sooner.
-    compile: the fast decode path (fast.py `compile_decoding`): our decode kernels where they run and a
+    compile: the fast decode path (`inference.compiled_step.compile_decoding`): our decode kernels where they run, a
     compiled decode step, which generate(), generate_batch(), chat(), stream_text() and the server then use.
     The first decode step compiles (tens of seconds cold, a few with torch's caches warm: BENCHMARKS.md).
     With compile=False the model is exactly the original's maths (what `smollm2 compare` checks).
     """
     model, tokenizer = _load(source, dtype, device, quantize)
     if compile:
-        from .fast import compile_decoding
+        from .inference.compiled_step import compile_decoding
 
         compile_decoding(model)
     return model, tokenizer
@@ -127,7 +145,7 @@ def load(
 def _load(
     source: str | Path | None, dtype: torch.dtype, device: torch.device | str, quantize: str
 ) -> tuple[SmolLM2, Tokenizer]:
-    from .quantize import check_mode, quantize_model
+    from .quant.quantize import check_mode, quantize_model
     from .weights import build_model
 
     check_mode(quantize)
@@ -136,7 +154,7 @@ def _load(
     name = str(source) if source is not None else BUNDLED_FILE
     kind, path = resolve(source)
     if quantize == "int4" and kind == "gguf":
-        from .gguf_int4 import load_int4
+        from .quant.gguf_int4 import load_int4
 
         loaded = load_int4(path)  # the file's Q4_1 blocks as they are, where they are Q4_1 (None otherwise)
         if loaded is not None:

@@ -24,7 +24,7 @@ from .config import Config
 from .kv_cache import KVCache, LayerCache
 
 if TYPE_CHECKING:
-    from .quantize import Quantization
+    from .quant.quantize import Quantization
 
 # attention(q (B, n_head, T, hd), k, v (B, n_kv_head, S, hd), mask (B, 1, T, S) bool, None = causal)
 #   -> (B, n_head, T, hd)
@@ -202,7 +202,7 @@ class SmolLM2(nn.Module):
         self.tie_weights()
         self.source: str | None = None  # where the weights came from, when `load` read them
         self.quantization: Quantization | None = None  # set by quantize.py: the mode and the kernels it runs on
-        # The decode step generation uses instead of the eager one: set by compile_decoding (fast.py).
+        # The decode step generation uses instead of the eager one: set by inference.compiled_step.compile_decoding.
         self.compiled_step: Callable[..., torch.Tensor] | None = None
         # Original checkpoints of tied models carry no lm_head.weight: fill it in so strict loading still works.
         self.register_load_state_dict_pre_hook(_fill_tied_lm_head)

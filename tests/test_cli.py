@@ -85,12 +85,13 @@ import sys
 import smollm2
 assert "torch" not in sys.modules, "import smollm2 imported torch"
 assert set(smollm2.__all__) <= set(dir(smollm2))
-import smollm2.engine  # imports the submodule smollm2.generate first: `smollm2.generate` stays the function
+import smollm2.inference.engine  # imports smollm2.inference.generate first: `smollm2.generate` is the function
 from smollm2 import (Config, GenerationConfig, SmolLM2, Tokenizer, chat, generate, generate_batch, load,
                      save_pretrained, stream_text)
-import smollm2.generate as module
-assert generate is smollm2.generate and callable(generate) and generate.__module__ == "smollm2.generate", generate
-assert sys.modules["smollm2.generate"].generate is generate
+assert generate is smollm2.generate and callable(generate), generate
+assert generate.__module__ == "smollm2.inference.generate", generate.__module__
+assert sys.modules["smollm2.inference.generate"].generate is generate
+assert GenerationConfig.__module__ == "smollm2.inference.config"
 assert load.__module__ == "smollm2.loading" and SmolLM2.__module__ == "smollm2.model"
 try:
     smollm2.no_such_name
@@ -98,8 +99,10 @@ except AttributeError:
     pass
 else:
     raise AssertionError("smollm2.no_such_name")
-from smollm2 import quantize  # submodules still import as names of the package
-assert quantize.__name__ == "smollm2.quantize"
+from smollm2 import quant, loading  # submodules and subpackages import as names of the package
+assert (quant.__name__, loading.__name__) == ("smollm2.quant", "smollm2.loading")
+from smollm2.quant import quantize
+assert quantize.__name__ == "smollm2.quant.quantize"
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
@@ -110,8 +113,13 @@ def test_the_defaults_are_the_librarys() -> None:
     import dataclasses
     import inspect
 
-    from smollm2 import bench, compare, data, defaults, engine, quantize
-    from smollm2.generate import GenerationConfig
+    from smollm2 import defaults
+    from smollm2.bench import inference as bench
+    from smollm2.eval import parity as compare
+    from smollm2.inference import engine
+    from smollm2.inference.config import GenerationConfig
+    from smollm2.quant import quantize
+    from smollm2.train import prepare as data
 
     fields = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
     assert {k: fields[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from smollm2.generate import chat, stream_text
+from smollm2.inference.generate import chat, stream_text
 
 STATS = re.compile(r"^\[(\d+) prompt tokens, (\d+) new tokens, ([\d.]+) tokens/s(?:, compiled in [\d.]+ s)?, "
                    r"finish: (stop|length)\]$")

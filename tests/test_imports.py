@@ -3,9 +3,9 @@
   - every module of smollm2 imports in a process where the optional extras (transformers, fastapi, lm-eval, ...)
     cannot be imported; only a module whose whole purpose is an extra, and says so, may need it at import time
   - no circle among smollm2's modules in what they import at module level (what runs on `import`)
-  - no circle even counting the imports inside functions, and the layers point one way: the library never
-    imports the training package (smollm2/train/) nor the command line (cli.py, commands/), training never imports
-    the command line
+  - no circle even counting the imports inside functions, and the layers point one way (LAYERS, lowest first):
+    the model < quant/ < inference/ < loading < eval/, serve/, bench/ < train/ < the command line (cli.py,
+    commands/); every module is in a layer, so a new one must be placed
   - argparse only in the command line (cli.py and commands/)
 """
 
@@ -25,7 +25,8 @@ EXTRAS = ("transformers", "accelerate", "fastapi", "starlette", "uvicorn", "matp
           "playwright", "openai", "httpx")
 # Modules whose whole purpose is an extra, importing it at module level (their docstrings say so): the extra.
 NEEDS_EXTRA = {
-    "smollm2.lm_eval_adapter": "lm_eval",  # defines a subclass of lm-eval's TemplateLM; nothing else imports it
+    "smollm2.eval.lm_eval_adapter": "lm_eval",  # defines a subclass of lm-eval's TemplateLM; nothing else imports it
+    "smollm2.lm_eval_adapter": "lm_eval",  # `python -m smollm2.lm_eval_adapter`: imports the one above
     "smollm2.serve.app": "fastapi",  # the FastAPI app; smollm2.serve imports it when create_app is asked for
 }
 NOT_IMPORTED = {"smollm2.__main__"}  # `python -m smollm2`: importing it runs the command line
@@ -87,20 +88,22 @@ def test_no_import_circles_at_module_level() -> None:
 
 def test_no_import_circles_and_layers_point_one_way() -> None:
     """The same counting the imports inside functions too (they run on first use): still no circle, and the
-    library (everything but cli.py, commands/ and train/) needs neither the trainer nor the command line."""
+    layers (LAYERS) point one way: the model needs no application, no application the trainer, nothing the
+    command line."""
     graph = _graph(functions=True)
     cycles = _cycles(graph)
     assert not cycles, "import circles, counting imports inside functions:\n" + "\n".join(" -> ".join(c)
                                                                                       for c in cycles)
-    wrong = [f"{a} -> {b}" for a, deps in sorted(graph.items()) for b in sorted(deps)
-             if _layer(b) > _layer(a)]
-    assert not wrong, "imports against the layers (library < train < command line):\n" + "\n".join(wrong)
+    wrong = [f"{a} ({LAYERS[_layer(a)][0]}) -> {b} ({LAYERS[_layer(b)][0]})"
+             for a, deps in sorted(graph.items()) for b in sorted(deps) if _layer(b) > _layer(a)]
+    assert not wrong, ("imports against the layers (" + " < ".join(n for n, _ in LAYERS) + "):\n"
+                       + "\n".join(wrong))
 
 
 def test_argparse_only_in_the_command_line() -> None:
     users = []
     for name in _modules():
-        if _layer(name) == 2:
+        if _layer(name) == LAYER_CLI:
             continue
         for node, _ in _imports(_parse(name), functions=True, main_block=True):
             if any(target.partition(".")[0] == "argparse" for target in _targets(node, name)):
@@ -231,15 +234,32 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
-def _is_train(name: str) -> bool:
-    return name == "smollm2.train" or name.startswith("smollm2.train.")
+# The layers, lowest first: a module may import its own layer and those below, never one above. The top level
+# loads and runs the model; the subpackages are the applications built on it.
+LAYERS = (
+    ("the model", ("smollm2", "smollm2.config", "smollm2.defaults", "smollm2.model", "smollm2.kv_cache",
+                   "smollm2.tokenizer", "smollm2.weights", "smollm2.gguf", "smollm2.checkpoint_format")),
+    ("quantisation", ("smollm2.quant", "smollm2.kernels")),  # smollm2.kernels: `python -m smollm2.kernels`
+    ("inference", ("smollm2.inference",)),
+    # load(source, quantize=, compile=) assembles a model from the layers below: weights, quant/, the compiled step
+    ("loading", ("smollm2.loading",)),
+    ("applications", ("smollm2.eval", "smollm2.serve", "smollm2.bench", "smollm2.lm_eval_adapter")),
+    ("training", ("smollm2.train",)),
+    ("the command line", ("smollm2.cli", "smollm2.commands", "smollm2.__main__", "smollm2.bench.__main__")),
+)
+LAYER_CLI = len(LAYERS) - 1
 
 
 def _layer(name: str) -> int:
-    """0 the library, 1 the trainer (smollm2/train/), 2 the command line."""
-    if name in ("smollm2.__main__", "smollm2.cli", "smollm2.commands") or name.startswith("smollm2.commands."):
-        return 2
-    return 1 if _is_train(name) else 0
+    """The layer of a module: the last (most specific) entry of LAYERS that it is or lies under."""
+    found = [i for i, (_, names) in enumerate(LAYERS) for n in names
+             if name == n or (n != "smollm2" and name.startswith(n + "."))]
+    assert found, f"{name} is in no layer: add it to LAYERS"
+    return found[-1]
+
+
+def test_every_module_is_in_a_layer() -> None:
+    assert {_layer(name) for name in _modules()} == set(range(len(LAYERS)))
 
 
 def test_the_circle_finder_finds_circles() -> None:

@@ -91,7 +91,7 @@ def test_load_quantize_modes(tmp_path: Path, tiny_config) -> None:
 
     from conftest import SHARED_DATA, require
     from smollm2.model import SmolLM2
-    from smollm2.quantize import QUANTIZED
+    from smollm2.quant.quantize import QUANTIZED
     from smollm2.weights import save_pretrained
 
     model = SmolLM2(tiny_config)
@@ -127,7 +127,7 @@ def test_int4_needs_widths_divisible_by_its_group(tiny_config) -> None:
     import dataclasses
 
     from smollm2.model import SmolLM2
-    from smollm2.quantize import quantize_model
+    from smollm2.quant.quantize import quantize_model
 
     model = SmolLM2(dataclasses.replace(tiny_config, intermediate_size=80))
     model.init_weights()

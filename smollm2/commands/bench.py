@@ -1,8 +1,8 @@
 """`smollm2 bench`: prefill and decode speed of our modes beside transformers and llama.cpp, as one table.
 
-The measuring is in smollm2/bench.py (each configuration in its own process, `python -m smollm2.bench --worker`);
-this file parses the options (for `python -m smollm2.bench` too), prints the table and, last, the whole result as
-one JSON line.
+The measuring is in smollm2/bench/inference.py (each configuration in its own process,
+`python -m smollm2.bench --worker`); this file parses the options (for `python -m smollm2.bench` too), prints the
+table and, last, the whole result as one JSON line.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ..bench import format_table, run_bench
+    from ..bench.inference import format_table, run_bench
 
     console = Console(width=None if sys.stdout.isatty() else 160)  # a file or pipe gets the whole table
     against = tuple(p for p in args.against if p != "none")

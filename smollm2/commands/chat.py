@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generate import chat
+    from ..inference.generate import chat
 
     config = generation_config(args)
     model, tokenizer = load_for_inference(args)

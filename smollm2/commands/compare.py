@@ -22,7 +22,7 @@ from .options import add_source_argument
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from ..compare import Report
+    from ..eval.parity import Report
 
 WIDTH = 100  # the report is laid out for 100 columns; wider terminals get the same layout
 
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ..compare import MissingExtra, build_report, check_options, import_transformers
+    from ..eval.parity import MissingExtra, build_report, check_options, import_transformers
     from ..loading import BUNDLED_FILE, BUNDLED_WHEEL
 
     console = Console(width=WIDTH) if not _is_narrow_terminal() else Console()

@@ -40,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from ..data import encode_file, load_tokens, read_manifest, tokenizer_sha256
+    from ..eval.perplexity import perplexity
     from ..loading import load
-    from ..perplexity import perplexity
+    from ..train.prepare import encode_file, load_tokens, read_manifest, tokenizer_sha256
 
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")

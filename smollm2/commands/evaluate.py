@@ -2,7 +2,7 @@
 
     smollm2 evaluate --tasks piqa,arc_easy,arc_challenge --limit 200 --json results.json
 
-Data: shared/data/eval (see its README.txt), read by smollm2/eval_tasks.py; scoring: smollm2/evaluate.py.
+Data: shared/data/eval (see its README.txt), read by smollm2/eval/tasks.py; scoring: smollm2/eval/scoring.py.
 Every task's data is read before the model loads, so a malformed file fails in a second, naming file and line.
 """
 
@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..eval_tasks import CARD_ROWS, TASKS, Item, accuracy, default_data_dir, load_task, model_card_scores
+from ..eval.tasks import CARD_ROWS, TASKS, Item, accuracy, default_data_dir, load_task, model_card_scores
 from .options import add_quantize_argument, add_source_argument
 
 if TYPE_CHECKING:
-    from ..evaluate import ItemResult
+    from ..eval.scoring import ItemResult
 
 _DTYPES = ("bfloat16", "float32")  # --dtype: torch's names
 
@@ -79,7 +79,7 @@ def _score_task(name: str, items: list[Item], model: Any, tokenizer: Any, chat_t
                 batch_size: int) -> list[ItemResult]:
     from tqdm import tqdm
 
-    from ..evaluate import score_items
+    from ..eval.scoring import score_items
 
     results: list[ItemResult] = []
     hits = hits_norm = 0
@@ -143,7 +143,7 @@ def _print_table(summary: dict[str, dict[str, Any]], card_rows: dict[str, dict[s
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..evaluate import default_chat_template
+    from ..eval.scoring import default_chat_template
 
     names = _parse_tasks(args.tasks)
     if args.batch_size < 1:

@@ -20,7 +20,7 @@ from .options import (
 )
 
 if TYPE_CHECKING:
-    from ..generate import Stream
+    from ..inference.generate import Stream
 
 
 def print_stream(stream: Stream[str]) -> float:
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generate import chat, stream_text
+    from ..inference.generate import chat, stream_text
 
     config = generation_config(args)
     if args.system is not None and not args.chat:

@@ -21,7 +21,7 @@ from ..defaults import (
 )
 
 if TYPE_CHECKING:
-    from ..generate import GenerationConfig
+    from ..inference.config import GenerationConfig
 
 SOURCE_HELP = ("the model: a .gguf file, an original-layout directory or a hub id "
                "(default: the bundled SmolLM2-135M-Instruct Q4_1 GGUF)")
@@ -87,7 +87,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
     """The GenerationConfig of the parsed flags; invalid values raise ValueError before anything is loaded."""
-    from ..generate import GenerationConfig
+    from ..inference.config import GenerationConfig
 
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -1,4 +1,4 @@
-"""`smollm2 prepare`: tokenize a text corpus into uint16 token files and a manifest (see smollm2/data.py)."""
+"""`smollm2 prepare`: tokenize a text corpus into uint16 token files and a manifest (see smollm2/train/prepare.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import prepare
+    from ..train.prepare import prepare
 
     manifest = prepare(args.input, args.out, val_fraction=args.val_fraction, tokenizer_source=args.tokenizer,
                        force=args.force, progress=True)

@@ -24,8 +24,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Engine, Job, QueueFull
-from ..generate import GenerationConfig, StepFn
+from ..inference.config import GenerationConfig
+from ..inference.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Engine, Job, QueueFull
+from ..inference.generate import StepFn
 from . import page, protocol
 from .protocol import APIError, invalid
 

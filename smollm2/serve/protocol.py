@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..generate import GenerationConfig
+from ..inference.config import GenerationConfig
 
 if TYPE_CHECKING:
     from ..model import SmolLM2

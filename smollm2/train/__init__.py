@@ -1,6 +1,7 @@
 """Training SmolLM2 from scratch: `train(TrainConfig(...))`, checkpoints, and the data sampler.
 
     config.py      TrainConfig: every knob, defaults from the official SmolLM2-135M recipe
+    prepare.py     `smollm2 prepare`: a text corpus -> uint16 token files and a manifest
     data.py        the prepared token files and the deterministic, resumable batch sampler
     loss.py        cross-entropy of the output projection without materialising the full logits
     loop.py        the training loop (DDP / FSDP2, bf16 autocast, compile, eval, samples, plot)

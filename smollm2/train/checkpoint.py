@@ -43,8 +43,8 @@ from ..checkpoint_format import (  # the layout and finding checkpoints, shared 
     resolve_checkpoint,
 )
 from ..config import Config
-from ..data import fsync_dir
 from .config import TrainConfig
+from .prepare import fsync_dir
 
 __all__ = [
     "CHECKPOINTS", "COMPLETE", "FORMAT", "Checkpoint", "capture_rng", "checkpoint_model", "checkpoint_name",

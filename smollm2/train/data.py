@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import load_tokens, read_manifest
+from .prepare import load_tokens, read_manifest
 
 
 @dataclass

@@ -8,7 +8,7 @@ loss.png, and crash-safe checkpoints. SIGINT/SIGTERM finish the current step, sa
 
 Resuming restores the weights, the AdamW state, the data-loader position and the RNG states, and the learning
 rate is a function of the step alone, so N steps straight and K steps + stop + resume to N are bitwise
-identical on the CPU in fp32 (tests/test_train.py). Anchors: nanoGPT train.py (loop, DDP, grad accumulation),
+identical on the CPU in fp32 (tests/train/test_train.py). Anchors: nanoGPT train.py (loop, DDP, grad accumulation),
 nanochat (checkpoint metadata, loader state), torchtitan (init_weights, FSDP2, distributed state dicts).
 """
 
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from ..config import PRESETS, Config, preset
-from ..data import load_tokenizer
-from ..generate import decode_step, generate
+from ..inference.generate import decode_step, generate
+from ..loading import load_tokenizer
 from ..model import SmolLM2
 from ..tokenizer import Tokenizer
 from . import dist

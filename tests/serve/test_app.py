@@ -26,8 +26,8 @@ from conftest import REPO
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from smollm2.engine import Engine, QueueFull  # noqa: E402
-from smollm2.generate import GenerationConfig, chat, generate, stream_text  # noqa: E402
+from smollm2.inference.engine import Engine, QueueFull  # noqa: E402
+from smollm2.inference.generate import GenerationConfig, chat, generate, stream_text  # noqa: E402
 from smollm2.serve import MAX_BODY_BYTES, create_app  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
@@ -562,7 +562,7 @@ def test_engine_cache_compacts_and_grows(tiny):
 def test_engine_with_the_compiled_step(tiny):
     """`smollm2 serve --compile`: the engine decodes with fast.DecodeStep (rows joining and leaving, the cache
     shifted and grown) and every request still gets the tokens generate() gives it alone."""
-    from smollm2.fast import DecodeStep
+    from smollm2.inference.compiled_step import DecodeStep
 
     model, tokenizer = tiny
     prompts, lengths, alone = random_requests(model, tokenizer, seed=2, count=5, max_prompt=150, max_new=100)
@@ -575,7 +575,7 @@ def test_engine_with_the_compiled_step(tiny):
 
 def test_serve_cli_defaults():
     from smollm2.cli import build_parser
-    from smollm2.quantize import DEFAULT_MODE
+    from smollm2.quant.quantize import DEFAULT_MODE
 
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.source) == ("127.0.0.1", 8000, None)

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 from conftest import REPO
-from smollm2.generate import GenerationConfig
+from smollm2.inference.generate import GenerationConfig
 from smollm2.serve import page, protocol
 from smollm2.serve.protocol import (
     CHAT_FIELDS,

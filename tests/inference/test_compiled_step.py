@@ -1,0 +1,156 @@
+"""The fast decode step (smollm2/fast.py) computes what the plain model computes: the same logits, eager and
+compiled, across cache buckets, at the very end of the cache, with left padding, and on quantised models."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from smollm2.config import Config
+from smollm2.inference.compiled_step import BUCKET, DecodeStep, bucketed_length, kernel_attention, use_fast_modules
+from smollm2.inference.generate import decode_step, prefill
+from smollm2.kv_cache import KVCache
+from smollm2.model import SmolLM2
+from smollm2.quant import kernels
+from smollm2.quant.quantize import kernel_available, quantize_model
+
+
+def tiny_model(config: Config) -> SmolLM2:
+    model = SmolLM2(config)
+    model.init_weights()
+    return model.eval()
+
+
+def run_both(model: SmolLM2, fast: DecodeStep, prompts: torch.Tensor, cache_len: int,
+             attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> float:
+    """Greedy-decode with the plain step on `model` and the fast one on its model (the same weights, maybe
+    other modules) side by side (each its own cache, the plain step's tokens fed to both) up to the end of the
+    cache; the largest logit difference seen."""
+    B, T = prompts.shape
+    dtype = next(model.parameters()).dtype
+    caches = [KVCache(model.config, B, cache_len, dtype=dtype) for _ in range(2)]
+    first_mask = attention_mask[:, :T] if attention_mask is not None else None
+    logits = [prefill(m, prompts, c, positions, first_mask) for m, c in zip((model, fast.model), caches, strict=True)]
+    worst = 0.0
+    for start in range(T, cache_len):
+        token = logits[0].argmax(-1, keepdim=True)  # (B, 1)
+        step_pos = positions[:, -1:] + 1 + start - T if positions is not None else None
+        step_mask = attention_mask[:, : start + 1] if attention_mask is not None else None
+        logits = [decode_step(model, token, caches[0], start, step_pos, step_mask),
+                  fast(fast.model, token, caches[1], start, step_pos, step_mask)]
+        worst = max(worst, float((logits[0].float() - logits[1].float()).abs().max()))
+    return worst
+
+
+def test_bucketed_length() -> None:
+    assert [bucketed_length(n, 300) for n in (1, 64, 65, 128, 129, 299, 300)] == [64, 64, 128, 128, 192, 300, 300]
+    assert bucketed_length(5, 40) == 40 and BUCKET == 64
+
+
+def test_eager_fast_step_equals_the_model(tiny_config: Config) -> None:
+    model = tiny_model(tiny_config)
+    prompts = torch.randint(0, tiny_config.vocab_size, (1, 7))
+    fast = DecodeStep(use_fast_modules(tiny_model(tiny_config)), compile=False)
+    fast.model.load_state_dict(model.state_dict())
+    # float32 linears through our kernel where it is built
+    assert (type(fast.model.lm_head).__name__ == "MatVecLinear") == kernels.available()
+    # 7 + 120 positions: three buckets, the last one ending exactly at the cache's end
+    assert run_both(model, fast, prompts, 128) < 1e-5
+
+
+def test_eager_fast_step_with_left_padding(tiny_config: Config) -> None:
+    model = tiny_model(tiny_config)
+    prompts = torch.randint(0, tiny_config.vocab_size, (2, 6))
+    cache_len = 80
+    mask = torch.ones(2, cache_len, dtype=torch.long)
+    mask[1, :3] = 0  # row 1 is a 3-token prompt, left-padded
+    positions = (torch.arange(6)[None, :] - torch.tensor([[0], [3]])).clamp(min=0)
+    worst = run_both(model, DecodeStep(model, compile=False), prompts, cache_len, mask, positions)
+    assert worst < 1e-5
+
+
+def test_compiled_step_equals_the_model_without_recompiling(tiny_config: Config) -> None:
+    """One graph serves every bucket and every cache length (compile once: ~10-40 s)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(tiny_config)
+    fast = DecodeStep(model, compile=True)
+    counters.clear()
+    prompts = torch.randint(0, tiny_config.vocab_size, (1, 5))
+    assert run_both(model, fast, prompts, 128) < 1e-4  # buckets 64, 128 = the cache's end
+    assert fast.compile_seconds is not None and fast.compile_seconds > 0
+    assert run_both(model, fast, prompts[:, :3], 100) < 1e-4  # another cache length, ending mid-bucket
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_compiled_step_on_a_quantised_model(tiny_config: Config) -> None:
+    """Our kernels (or torch's) inside the compiled graph: the same logits as the eager fast step, up to
+    rounding: inductor keeps fused bf16 intermediates in fp32 where eager rounds each op, and our kernels' int8
+    activations turn such differences into whole rounding steps (~2% relative here, ~1% in plain bf16)."""
+    model = quantize_model(tiny_model(tiny_config), "int4")
+    prompts = torch.randint(0, tiny_config.vocab_size, (1, 4))
+    T, cache_len = prompts.shape[1], 70
+    eager, compiled = DecodeStep(model, compile=False), DecodeStep(model, compile=True)
+    caches = [KVCache(tiny_config, 1, cache_len, dtype=torch.bfloat16) for _ in range(2)]
+    logits = [prefill(model, prompts, c) for c in caches]
+    worst = 0.0
+    for start in range(T, cache_len):
+        token = logits[0].argmax(-1, keepdim=True)
+        logits = [eager(model, token, caches[0], start), compiled(model, token, caches[1], start)]
+        a, b = logits[0].float(), logits[1].float()
+        worst = max(worst, float((a - b).norm() / a.norm()))
+    assert worst < 0.05
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fast_step_on_a_quantised_model(tiny_config: Config, mode: str) -> None:
+    """The fused projections give the same logits as the model's separate ones (bf16 rounding aside)."""
+    model = quantize_model(tiny_model(tiny_config), mode)
+    if kernel_available(mode):
+        assert model.model.layers[0].self_attn.qkv_proj is not None
+    prompts = torch.randint(0, tiny_config.vocab_size, (1, 9))
+    assert run_both(model, DecodeStep(model, compile=False), prompts, 70) < 0.05
+
+
+def test_fast_step_with_our_attention_kernel(tiny_config: Config) -> None:
+    """With head_dim 64 the step attends with our kernel (kernels.py) where it is built: eager and compiled,
+    with a left-padded row, the plain model's logits to float rounding."""
+    if not kernels.available():
+        pytest.skip("smollm2's kernels are not built here (python -m smollm2.kernels)")
+    config = dataclasses.replace(tiny_config, hidden_size=256)  # head_dim 64
+    model = tiny_model(config)
+    prompts = torch.randint(0, config.vocab_size, (2, 6))
+    cache_len = 80
+    mask = torch.ones(2, cache_len, dtype=torch.long)
+    mask[1, :3] = 0
+    positions = (torch.arange(6)[None, :] - torch.tensor([[0], [3]])).clamp(min=0)
+    fast_model = use_fast_modules(tiny_model(config))
+    fast_model.load_state_dict(model.state_dict())
+    assert fast_model.model.layers[0].self_attn.attention is kernel_attention
+    for compile in (False, True):
+        fast = DecodeStep(fast_model, compile=compile)
+        assert run_both(model, fast, prompts, cache_len, mask, positions) < 1e-4
+
+
+def test_invalid_calls(tiny_config: Config) -> None:
+    model, other = tiny_model(tiny_config), tiny_model(tiny_config)
+    fast = DecodeStep(model, compile=False)
+    cache = KVCache(tiny_config, 1, 16)
+    with pytest.raises(ValueError, match="one token per row"):
+        fast(model, torch.zeros(1, 2, dtype=torch.long), cache, 0)
+    with pytest.raises(ValueError, match="built for another model"):
+        fast(other, torch.zeros(1, 1, dtype=torch.long), cache, 0)
+    with pytest.raises(ValueError, match="do not fit a cache of length 16"):
+        fast(model, torch.zeros(1, 1, dtype=torch.long), cache, 16)
+
+
+@pytest.mark.slow
+def test_real_model_fast_step_greedy_equals_plain(real) -> None:
+    """On the real weights in fp32 the eager fast step reproduces the plain decode's greedy tokens exactly
+    and its logits to float rounding."""
+    model, tokenizer = real
+    prompts = torch.tensor([tokenizer.encode("The three primary colours are")])
+    worst = run_both(model, DecodeStep(model, compile=False), prompts, prompts.shape[1] + 12)
+    assert worst < 1e-3
