@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# Bound on the rotary tables' size (positions x head_dim): 2**24 floats, 64 MiB per table; 262,144 positions
+# at SmolLM2's head_dim of 64, 32 times the published models' context.
+MAX_ROPE_TABLE_ELEMENTS = 2**24
+
 
 @dataclass
 class Config:
@@ -54,6 +58,15 @@ class Config:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        # The model precomputes cos/sin tables of max_position_embeddings x head_dim floats: an untrusted
+        # config.json must not make loading allocate gigabytes (or hang) before any weight is read.
+        limit = MAX_ROPE_TABLE_ELEMENTS // self.head_dim
+        if self.max_position_embeddings > limit:
+            need = 2 * 4 * self.max_position_embeddings * self.head_dim
+            raise ValueError(
+                f"config field max_position_embeddings={self.max_position_embeddings} exceeds the limit {limit} "
+                f"for head_dim={self.head_dim} (its rotary tables would take {need / 2**30:.1f} GiB)"
+            )
 
     @property
     def head_dim(self) -> int:

@@ -125,7 +125,25 @@ def config_from_gguf(reader, path: Path) -> Config:
         n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else 0
     eps = float(_field(reader, "llama.attention.layer_norm_rms_epsilon", path))
     names = {t.name for t in reader.tensors}
-    config = Config(
+    fields = _config_fields(reader, path, n_vocab, eps, names)
+    try:
+        config = Config(**fields)
+    except ValueError as e:  # the Config's own checks, which name the field
+        raise ValueError(f"{path}: {e}") from None
+    rope_dims = _field(reader, "llama.rope.dimension_count", path, config.head_dim)
+    if rope_dims != config.head_dim:
+        raise ValueError(f"{path}: llama.rope.dimension_count={rope_dims} but head_dim={config.head_dim}: "
+                         "partial rotary embeddings are not supported")
+    from .weights import check_config_fits
+
+    # the metadata against the tensors, before anything is sized by it (a block_count of a million, say)
+    check_config_fits(config, {key: shape for t in reader.tensors if (key := hf_key(t.name)) is not None
+                               for shape in [tuple(int(n) for n in reversed(t.shape))]}, str(path))
+    return config
+
+
+def _config_fields(reader, path: Path, n_vocab: object, eps: float, names: set[str]) -> dict[str, object]:
+    return dict(
         vocab_size=int(n_vocab),
         hidden_size=int(_field(reader, "llama.embedding_length", path)),
         intermediate_size=int(_field(reader, "llama.feed_forward_length", path)),
@@ -142,11 +160,15 @@ def config_from_gguf(reader, path: Path) -> Config:
         eos_token_id=_optional_int(_field(reader, "tokenizer.ggml.eos_token_id", path, None)),
         pad_token_id=_optional_int(_field(reader, "tokenizer.ggml.padding_token_id", path, None)),
     )
-    rope_dims = _field(reader, "llama.rope.dimension_count", path, config.head_dim)
-    if rope_dims != config.head_dim:
-        raise ValueError(f"{path}: llama.rope.dimension_count={rope_dims} but head_dim={config.head_dim}: "
-                         "partial rotary embeddings are not supported")
-    return config
+
+
+def hf_key(name: str) -> str | None:
+    """The Hugging Face key of a llama.cpp tensor name (blk.7.attn_q.weight -> model.layers.7...), or None."""
+    if name.startswith("blk."):
+        layer, _, rest = name[4:].partition(".")
+        template = TENSOR_NAMES.get("blk.{i}." + rest)
+        return template.format(i=int(layer)) if template is not None and layer.isdigit() else None
+    return TENSOR_NAMES.get(name)
 
 
 def _optional_int(value: object) -> int | None:

@@ -9,6 +9,7 @@ ships none). Loading never unpickles anything: safetensors holds raw tensors and
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -21,17 +22,64 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 def expected_shapes(config: Config) -> dict[str, tuple[int, ...]]:
-    """Every key of the original checkpoint and its shape (lm_head.weight only when untied)."""
-    with torch.device("meta"):
-        model = SmolLM2(config)
-    shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        del shapes["lm_head.weight"]
+    """Every key of the original checkpoint and its shape (lm_head.weight only when untied).
+
+    Computed from the config's numbers, not by building a model: the config may be untrusted and is checked
+    against the file's tensors (check_config_fits) before anything the size of the model exists.
+    """
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * config.head_dim
+    block = {
+        "input_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (d, d),
+        "self_attn.k_proj.weight": (kv, d),
+        "self_attn.v_proj.weight": (kv, d),
+        "self_attn.o_proj.weight": (d, d),
+        "post_attention_layernorm.weight": (d,),
+        "mlp.gate_proj.weight": (f, d),
+        "mlp.up_proj.weight": (f, d),
+        "mlp.down_proj.weight": (d, f),
+    }
+    shapes = {"model.embed_tokens.weight": (v, d)}
+    for i in range(config.num_hidden_layers):
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in block.items()})
+    shapes["model.norm.weight"] = (d,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, d)
     return shapes
+
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def check_config_fits(config: Config, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Raise a ValueError naming the config field whose value the file's tensor shapes contradict.
+
+    Runs before anything is sized by the config, and in time proportional to the file, so a hostile config.json
+    (a million layers, a vocabulary of 10**12) is a one-line error rather than a hang or a huge allocation.
+    The sizes the rest follows from are checked here; check_state_dict then names any other mis-shaped tensor.
+    """
+    layers = {int(m.group(1)) for key in shapes if (m := _LAYER_KEY.match(key))}
+    n_layers = max(layers) + 1 if layers else 0
+    implied: list[tuple[str, int, str]] = [("num_hidden_layers", n_layers, f"the weights hold {n_layers} layers")]
+
+    def from_shape(key: str, dim: int, field: str) -> None:
+        shape = shapes.get(key)
+        if shape is not None and len(shape) > dim:
+            implied.append((field, shape[dim], f"{key} has shape {list(shape)}"))
+
+    from_shape("model.embed_tokens.weight", 0, "vocab_size")
+    from_shape("model.embed_tokens.weight", 1, "hidden_size")
+    from_shape("model.layers.0.mlp.gate_proj.weight", 0, "intermediate_size")
+    for field, value, why in implied:
+        if getattr(config, field) != value:
+            raise ValueError(f"{source}: config field {field}={getattr(config, field)} does not match the weights "
+                             f"({why}, implying {field}={value})")
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], config: Config, source: str) -> None:
     """Raise a ValueError naming every missing, unexpected or mis-shaped tensor."""
+    check_config_fits(config, {key: tuple(t.shape) for key, t in state_dict.items()}, source)
     expected = expected_shapes(config)
     problems = []
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
