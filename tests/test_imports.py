@@ -238,7 +238,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 # loads and runs the model; the subpackages are the applications built on it.
 LAYERS = (
     ("the model", ("smollm2", "smollm2.config", "smollm2.defaults", "smollm2.model", "smollm2.kv_cache",
-                   "smollm2.tokenizer", "smollm2.weights", "smollm2.gguf", "smollm2.checkpoint_format")),
+                   "smollm2.tokenizer", "smollm2.weights", "smollm2.gguf", "smollm2.checkpoint_format",
+                   "smollm2.lora")),
     ("quantisation", ("smollm2.quant", "smollm2.kernels")),  # smollm2.kernels: `python -m smollm2.kernels`
     ("inference", ("smollm2.inference",)),
     # load(source, quantize=, compile=) assembles a model from the layers below: weights, quant/, the compiled step
