@@ -7,7 +7,7 @@ them from here:
     quant/quantize.py     MODES, DEFAULT_MODE                = QUANTIZE_MODES, DEFAULT_QUANTIZE
     inference/config.py   GenerationConfig's field defaults  = MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, MIN_P,
                                                                REPETITION_PENALTY
-    inference/engine.py   DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE = the same names
+    inference/engine.py   DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFIX_CACHE_MB = the same names
     train/prepare.py      MIN_VAL_DOCUMENTS, prepare's val_fraction = MIN_VAL_DOCUMENTS, VAL_FRACTION
     bench/inference.py    OUR_MODES, PEERS                   = QUANTIZE_MODES, BENCH_PEERS
     eval/parity.py        DEFAULT_PROMPTS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TOLERANCE
@@ -35,6 +35,7 @@ MIN_VAL_DOCUMENTS = 10  # hold out whole documents once this many would be held 
 # ---- serving (inference/engine.py: Engine) ---------------------------------------------------------------------
 DEFAULT_MAX_BATCH = 32  # requests generated together, as one batch
 DEFAULT_MAX_QUEUE = 64  # requests that may wait for a row before new ones get 429
+DEFAULT_PREFIX_CACHE_MB = 256  # keys/values of prompt prefixes kept for reuse (46 KB a token in fp32: ~5.7k tokens)
 
 # ---- `smollm2 bench` (bench/inference.py) -------------------------------------------------------------------------
 BENCH_PEERS = ("transformers", "llama.cpp")

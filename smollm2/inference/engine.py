@@ -21,6 +21,10 @@ own columns (`attention_mask`, 1 = this row's token), and its RoPE positions cou
   * a request is placed only when every active row, itself included, can run to its max_new_tokens within
     the cache, so a step never runs out of room; otherwise it waits for rows to finish.
 
+A prompt that begins as an earlier one did (the same system prompt, a conversation re-sent with one more
+turn) starts its prefill after the longest cached run of blocks of that beginning: prefix_cache.py keeps the
+keys/values of the prompts prefilled, within a memory bound (prefix_cache_mb).
+
 Each request is a `stopping.SequenceState`, as each row of `generate` is: the same stop tokens, stop strings,
 length limit, streamed text and repetition penalty. Greedy (temperature 0) results equal those of
 `generate.generate` for the same request alone, up to float rounding of batched matmuls (tests check
@@ -40,10 +44,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..defaults import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
+from ..defaults import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFIX_CACHE_MB
 from ..kv_cache import KVCache, LayerCache
 from .config import GenerationConfig, check_int
 from .generate import StepFn, step_for, stop_token_ids
+from .prefix_cache import PrefixCache
 from .stopping import SequenceState, next_tokens
 
 if TYPE_CHECKING:
@@ -81,6 +86,7 @@ class Job(SequenceState):
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.begin = 0  # the cache column of the first prompt token, once the job has a row
+        self.cached_tokens = 0  # prompt tokens whose keys/values came from the prefix cache
 
     @property
     def done(self) -> bool:
@@ -103,7 +109,9 @@ class Engine:
     that `submit` raises QueueFull at once. context_length: the longest prompt + max_new_tokens accepted
     (default: the model's). prefill_chunk: prompt tokens prefilled per turn, between two decode steps.
     step: the decode step (a generate.StepFn); None = the model's compiled step where `load(compile=True)` made
-    one, else `generate.decode_step`.
+    one, else `generate.decode_step`. prefix_cache_mb: memory for the keys/values of prompt beginnings already
+    prefilled, which later prompts that begin the same way reuse (prefix_cache.py); 0 = off. The cache assumes
+    the model's weights do not change while the engine runs.
     """
 
     def __init__(
@@ -116,16 +124,18 @@ class Engine:
         context_length: int | None = None,
         prefill_chunk: int = 256,
         step: StepFn | None = None,
+        prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
     ) -> None:
         limit = model.config.max_position_embeddings
         for name, value, minimum in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
-                                     ("prefill_chunk", prefill_chunk, 1)):
+                                     ("prefill_chunk", prefill_chunk, 1), ("prefix_cache_mb", prefix_cache_mb, 0)):
             check_int(name, value, minimum=minimum)
         if context_length is not None and not 2 <= context_length <= limit:
             raise ValueError(f"context_length must be between 2 and the model's {limit}, got {context_length}")
         self.model, self.tokenizer, self.step = model, tokenizer, step_for(model, step)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.context_length = context_length or limit
+        self.prefix_cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb else None
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
 
@@ -188,7 +198,8 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         return {"active": len(self._rows) + (self._prefill is not None), "waiting": len(self._waiting),
-                "max_batch": self.max_batch, "max_queue": self.max_queue, **self.counters}
+                "max_batch": self.max_batch, "max_queue": self.max_queue, **self.counters,
+                **(self.prefix_cache.stats() if self.prefix_cache is not None else {})}
 
     # ---- the engine thread ---------------------------------------------------------------------------------
 
@@ -228,6 +239,10 @@ class Engine:
                     job = self._waiting.popleft()
                 scratch = KVCache(self.model.config, 1, len(job.prompt_ids), self.dtype, self.device)
                 self._prefill = _Prefill(job, scratch)
+                if self.prefix_cache is not None:  # start after the longest cached beginning (one token left)
+                    hit = self.prefix_cache.lookup(job.prompt_ids, limit=len(job.prompt_ids) - 1)
+                    self.prefix_cache.restore(hit, scratch)
+                    self._prefill.filled = job.cached_tokens = hit.tokens
             budget -= self._prefill_step(self._prefill, budget)
             if self._prefill is not None:  # its prompt is not done (the budget is spent), or it waits for room
                 return
@@ -248,6 +263,8 @@ class Engine:
             p.filled = end
             if end < P:
                 return end - start
+            if self.prefix_cache is not None:
+                self.prefix_cache.insert(job.prompt_ids, p.cache)
             self._advance(job, job.next_token(logits))
             if job.done:
                 self._prefill = None
