@@ -48,7 +48,12 @@ def bundled_gguf() -> Path:
 
 
 def resolve(source: str | Path | None) -> tuple[str, Path]:
-    """("gguf" | "dir", local path) for a source, downloading from the hub when it is a hub id."""
+    """("gguf" | "dir", local path) for a source, downloading from the hub when it is a hub id.
+
+    A source is a hub id only if nothing by that name exists on disk: a broken link, a link loop or an
+    unreadable path is an error saying what is wrong with it, never a hub query carrying a local path.
+    """
+    from .checkpoint_format import COMPLETE, resolve_checkpoint
     from .gguf import is_gguf
 
     if source is None:
@@ -56,18 +61,58 @@ def resolve(source: str | Path | None) -> tuple[str, Path]:
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-            from .checkpoint_format import resolve_checkpoint
-
-            path = resolve_checkpoint(path)  # a training run: its latest complete checkpoint
+            path = resolve_checkpoint(path)  # a training run: its newest checkpoint that verifies
+        elif (path / COMPLETE).is_file():
+            path = resolve_checkpoint(path)  # one training checkpoint: its checksums verified before any use
         return "dir", path
     if path.is_file():
         if is_gguf(path):
             return "gguf", path
         raise ValueError(f"{path}: not a GGUF file; pass a .gguf file or a directory with config.json "
                          "and model.safetensors")
+    _explain_local_path(path)
     if _HUB_ID.match(str(source)) and not str(source).startswith((".", "/", "~")):
-        return "dir", download(str(source))
+        local = f"there is no local file or directory {path}, and "
+        try:
+            return "dir", download(str(source))
+        except ValueError as e:  # not on the hub
+            raise ValueError(f"{source}: {local}{str(e).removeprefix(f'{source}: ')}") from None
+        except ConnectionError as e:
+            raise ConnectionError(f"{source}: {local}{str(e)}") from None
     raise ValueError(f"{source}: no such file or directory (and not a hub id like HuggingFaceTB/SmolLM2-135M)")
+
+
+def _explain_local_path(path: Path) -> None:
+    """Raise a ValueError saying what is wrong with a path that exists on disk but is neither file nor directory."""
+    import os
+
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        pass  # nothing there; a parent may still be a broken link or a file
+    except NotADirectoryError:
+        raise ValueError(f"{path}: a parent of this path is a file, not a directory") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
+    else:
+        if path.is_symlink():
+            try:
+                path.resolve(strict=True)
+            except FileNotFoundError:
+                raise ValueError(f"{path}: a broken symbolic link (to {os.readlink(path)}, which does not "
+                                 "exist)") from None
+            except (RuntimeError, OSError) as e:  # RuntimeError: a loop (Python < 3.13), OSError: ELOOP, EACCES
+                why = "a symbolic link loop" if "loop" in str(e).lower() or getattr(e, "errno", None) == 40 \
+                    else f"a symbolic link that cannot be followed ({e})"
+                raise ValueError(f"{path}: {why}") from None
+        raise ValueError(f"{path}: exists but is neither a regular file nor a directory")
+    for parent in path.parents:  # "bad/name" where bad is a broken link or a file: a local path, not a hub id
+        if parent != Path(".") and os.path.lexists(parent):
+            if parent.is_symlink() and not parent.exists():
+                raise ValueError(f"{path}: {parent} is a broken symbolic link (to {os.readlink(parent)})")
+            if not parent.is_dir():
+                raise ValueError(f"{path}: {parent} is not a directory")
+            break
 
 
 def download(repo_id: str) -> Path:

@@ -8,7 +8,7 @@
         rng.safetensors                    torch (and CUDA) generator states
         trainer.json                       step, world size, data-loader position, python/numpy RNG states,
                                            optimizer hyperparameters
-        COMPLETE                           written last: the file list with sizes
+        COMPLETE                           written last: the file list with sizes and sha256 checksums
 
 A checkpoint is written into `.tmp-step_000500-<pid>/`, every file and the directory are fsynced, COMPLETE is
 written and fsynced, and only then is the directory renamed to its final name (rename is atomic). A crash at any
@@ -38,18 +38,20 @@ from ..checkpoint_format import (  # the layout and finding checkpoints, shared 
     FORMAT,
     check_complete,
     checkpoint_name,
+    completion_marker,
     latest_checkpoint,
     list_checkpoints,
     resolve_checkpoint,
+    verified_checkpoint,
 )
 from ..config import Config
 from .config import TrainConfig
 from .prepare import fsync_dir
 
 __all__ = [
-    "CHECKPOINTS", "COMPLETE", "FORMAT", "Checkpoint", "capture_rng", "checkpoint_model", "checkpoint_name",
-    "latest_checkpoint", "list_checkpoints", "load_checkpoint", "resolve_checkpoint", "restore_rng",
-    "save_checkpoint",
+    "CHECKPOINTS", "COMPLETE", "FORMAT", "Checkpoint", "capture_rng", "check_complete", "checkpoint_model",
+    "checkpoint_name", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "resolve_checkpoint",
+    "restore_rng", "save_checkpoint", "verified_checkpoint",
 ]
 
 
@@ -111,7 +113,7 @@ def save_checkpoint(
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     for file in files:
         _fsync_file(file)
-    marker = {"step": step, "files": {p.name: p.stat().st_size for p in files}}
+    marker = completion_marker(tmp, step)  # sizes and checksums, verified by every reader
     (tmp / COMPLETE).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
     _fsync_file(tmp / COMPLETE)
     fsync_dir(tmp)
@@ -216,10 +218,15 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint (or a run directory's newest one) onto the CPU."""
-    path = resolve_checkpoint(path)
-    step = check_complete(path)
+def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
+    """Read a checkpoint (or a run directory's newest one that verifies) onto the CPU.
+
+    verify=False: for a checkpoint directory the caller has just verified (verified_checkpoint), not hashed twice.
+    """
+    if verify or not (Path(path) / COMPLETE).is_file():
+        path, step = verified_checkpoint(path)
+    else:
+        path, step = Path(path), int(_read_json(Path(path) / COMPLETE)["step"])
     trainer = _read_json(path / "trainer.json")
     if trainer.get("format") != FORMAT:
         raise ValueError(f"{path / 'trainer.json'}: format {trainer.get('format')!r}, expected {FORMAT!r}")
@@ -241,6 +248,5 @@ def checkpoint_model(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]
 
     For `smollm2.load(RUN_DIR)`: build the model with `weights.build_model(config, state_dict, ...)`.
     """
-    path = resolve_checkpoint(path)
-    check_complete(path)
+    path = resolve_checkpoint(path)  # verified
     return Config.from_json(path / "config.json"), _read_tensors(path / "model.safetensors")

@@ -218,13 +218,26 @@ def _format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+class _CheckpointFiles:
+    """The files save_checkpoint writes beside the weights, through its `tokenizer` argument (it calls
+    `.save(directory)` before sealing the checkpoint): the tokenizer, then the trainer's own (a LoRA adapter)."""
+
+    def __init__(self, tokenizer: Tokenizer | None, write: Any) -> None:
+        self.tokenizer, self.write = tokenizer, write
+
+    def save(self, directory: Path) -> None:
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory)
+        self.write(directory)
+
+
 # ---- the trainer ---------------------------------------------------------------------------------------------
 
 
 class Trainer:
     """Builds the run (model, wrappers, optimizer, data, resumed state) and runs its steps."""
 
-    def __init__(self, config: TrainConfig, ctx: dist.DistContext, resume: bool = False) -> None:
+    def __init__(self, config: TrainConfig, ctx: dist.DistContext, resume: bool | Path = False) -> None:
         if not config.data:
             raise ValueError("--data is required: a directory written by `smollm2 prepare`")
         if not config.out:
@@ -235,7 +248,9 @@ class Trainer:
 
         checkpoint = None
         if resume:
-            checkpoint = load_checkpoint(self.run_dir)
+            # a Path: the checkpoint the caller resolved (and verified) to read its settings, not hashed again
+            checkpoint = load_checkpoint(resume, verify=False) if isinstance(resume, Path) else \
+                load_checkpoint(self.run_dir)
             check_resume(config, checkpoint, ctx.world_size, len(self.data.train))
             self.model_config = checkpoint.model_config
         else:
@@ -270,6 +285,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = self._read_history() if ctx.is_main else []
         self.stop = threading.Event()
         self.plotting = True  # until matplotlib turns out to be missing
+        self.tokens_seen = self.start_step * config.tokens_per_step  # inputs read, all processes together
 
     # ---- setup -------------------------------------------------------------------------------------------------
 
@@ -364,7 +380,10 @@ class Trainer:
                 row = json.loads(line)
                 if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= self.start_step:
                     rows.append(row)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        # aside, then renamed: a process killed here (and relaunched) must not lose the history it keeps
+        tmp = path.with_name(f".{METRICS}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, path)
         return rows
 
     # ---- output (rank 0) ---------------------------------------------------------------------------------------
@@ -404,15 +423,27 @@ class Trainer:
             return self.wrapped.no_sync()
         return contextlib.nullcontext()
 
+    def next_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's micro-batches (inputs, labels) of the next step. A fine-tuning trainer (sft.py) reads
+        conversations here instead of token windows."""
+        return self.sampler.next_batches(self.data.train)
+
+    def step_tokens(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int]:
+        """(input tokens the step reads, labels its loss averages over), all processes together."""
+        return self.config.tokens_per_step, self.config.tokens_per_step
+
     def train_step(self, step: int) -> dict[str, float]:
         """Optimizer step `step` (0-based): returns its loss, learning rate and gradient norm."""
         lr = lr_at(self.config, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = self.sampler.next_batches(self.data.train)
-        # Each micro-batch returns a summed loss; scaling by this process's tokens per step makes the gradients,
-        # once DDP averages them over processes, those of the mean loss over the whole global batch.
-        scale = self.ctx.world_size / self.config.tokens_per_step
+        batches = self.next_batches()
+        read, counted = self.step_tokens(batches)
+        self.tokens_seen += read
+        self.last_step_tokens = read
+        # Each micro-batch returns a summed loss; scaling by the labels the step counts, times the processes,
+        # makes the gradients, once DDP averages them over processes, those of the mean loss over the whole step.
+        scale = self.ctx.world_size / counted
         loss_sum = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -421,7 +452,7 @@ class Trainer:
                     loss = self.wrapped(x, y)
                 (loss * scale).backward()
             loss_sum += loss.detach()
-        loss = dist.all_reduce_sum(loss_sum).item() / self.config.tokens_per_step
+        loss = dist.all_reduce_sum(loss_sum).item() / counted
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"step {step + 1}: the loss is {loss}; stopping without saving (lower --lr? "
                                      f"the last good checkpoint is {latest_checkpoint(self.run_dir)})")
@@ -491,6 +522,17 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
 
+    def trainer_state(self) -> dict[str, Any]:
+        """What trainer.json records beyond the step, the world size and the RNG states."""
+        return {"train_tokens": len(self.data.train), "data": self.sampler.state_dict()}
+
+    def checkpoint_model_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint's model.safetensors holds, in the original's layout (a LoRA run: merged)."""
+        return state
+
+    def write_checkpoint_files(self, directory: Path) -> None:
+        """More files for a checkpoint, written before it is sealed (a LoRA run: its adapter)."""
+
     def save(self, step: int) -> None:
         from torch.distributed.checkpoint.state_dict import (  # slow to import: see _restore
             StateDictOptions,
@@ -508,7 +550,7 @@ class Trainer:
             path = save_checkpoint(
                 self.run_dir,
                 step,
-                model_state={k.removeprefix(_PREFIX): v for k, v in model_state.items()},
+                model_state=self.checkpoint_model_state({k.removeprefix(_PREFIX): v for k, v in model_state.items()}),
                 model_config=self.model_config,
                 train_config=self.config,
                 optimizer_state={
@@ -516,9 +558,9 @@ class Trainer:
                     "param_groups": [dict(g, params=[p.removeprefix(_PREFIX) for p in g["params"]])
                                      for g in optimizer_state["param_groups"]],
                 },
-                trainer={"world_size": self.ctx.world_size, "train_tokens": len(self.data.train),
-                         "data": self.sampler.state_dict(), "torch_version": torch.__version__},
-                tokenizer=self.tokenizer,
+                trainer={"world_size": self.ctx.world_size, "torch_version": torch.__version__,
+                         **self.trainer_state()},
+                tokenizer=_CheckpointFiles(self.tokenizer, self.write_checkpoint_files),
                 keep_last=self.config.keep_last,
             )
             self.echo(f"step {step}: saved {path}")
@@ -533,17 +575,21 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------------------------
 
+    def header(self) -> str:
+        """The run's first line: what trains, where, for how long."""
+        config = self.config
+        what = "resuming" if self.start_step else "training"
+        return (f"{what} {config.model} ({self.core.model.num_parameters() / 1e6:.1f}M parameters) on {self.device} "
+                f"x {self.ctx.world_size}: steps {self.start_step + 1}-{self.end_step} of {config.steps}, "
+                f"{config.batch_size} x {config.seq_len} tokens per step, {config.dtype}")
+
     def run(self, progress: bool = True) -> list[dict[str, Any]]:
         """Train from start_step to end_step; returns this invocation's per-step metrics."""
         from tqdm import tqdm
 
         config = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.ctx.is_main:
-            what = "resuming" if self.start_step else "training"
-            self.echo(f"{what} {config.model} ({self.core.model.num_parameters() / 1e6:.1f}M parameters) "
-                      f"on {self.device} x {self.ctx.world_size}: steps {self.start_step + 1}-{self.end_step} of "
-                      f"{config.steps}, {config.batch_size} x {config.seq_len} tokens per step, {config.dtype}")
+        self.echo(self.header())
         bar = tqdm(total=self.end_step, initial=self.start_step, unit="step", dynamic_ncols=True,
                    disable=not (progress and self.ctx.is_main and sys.stderr.isatty()))
         rows: list[dict[str, Any]] = []
@@ -556,8 +602,8 @@ class Trainer:
                     seconds = time.perf_counter() - started
                     step_times.append(seconds)
                     done = step + 1
-                    row = {"step": done, **metrics, "tokens": done * config.tokens_per_step,
-                           "tokens_per_s": config.tokens_per_step / seconds,
+                    row = {"step": done, **metrics, "tokens": self.tokens_seen,
+                           "tokens_per_s": self.last_step_tokens / seconds,
                            "peak_memory_gb": peak_memory_gb(self.device)}
                     rows.append(row)
                     self.record(row)
@@ -592,8 +638,11 @@ class Trainer:
         return rows
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """Train (or, with resume, continue the run in config.out) and return this invocation's per-step metrics."""
+def train(config: TrainConfig, *, resume: bool | Path = False, progress: bool = True) -> list[dict[str, Any]]:
+    """Train (or, with resume, continue the run in config.out) and return this invocation's per-step metrics.
+
+    resume: True for the run's newest checkpoint that verifies, or the Path of a checkpoint already verified.
+    """
     ctx = dist.setup(config.device)
     try:
         return Trainer(config, ctx, resume=resume).run(progress=progress)

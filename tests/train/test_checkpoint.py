@@ -105,7 +105,8 @@ def test_only_complete_checkpoints_count_and_old_ones_go_last(tmp_path: Path) ->
     assert not (root / ".tmp-step_000010-123").exists()  # stale temp dirs are cleaned up
     (root / "step_000004" / "optimizer.safetensors").write_bytes(b"truncated")
     with pytest.raises(ValueError, match="optimizer.safetensors: 9 bytes, but the checkpoint was written with"):
-        load_checkpoint(tmp_path)
+        load_checkpoint(root / "step_000004")
+    assert load_checkpoint(tmp_path).step == 3  # the run falls back to its newest checkpoint that verifies
 
 
 def test_checkpoints_hold_no_pickles(tmp_path: Path) -> None:
