@@ -72,7 +72,8 @@ def test_eager_fast_step_with_left_padding(tiny_config: Config) -> None:
 
 
 def test_compiled_step_equals_the_model_without_recompiling(tiny_config: Config) -> None:
-    """One graph serves every bucket and every cache length (compile once: ~10-40 s)."""
+    """One graph serves every bucket and every cache length, one more every batch size above 1 (compiles
+    twice: ~20-60 s)."""
     from torch._dynamo.utils import counters
 
     model = tiny_model(tiny_config)
@@ -83,6 +84,12 @@ def test_compiled_step_equals_the_model_without_recompiling(tiny_config: Config)
     assert fast.compile_seconds is not None and fast.compile_seconds > 0
     assert run_both(model, fast, prompts[:, :3], 100) < 1e-4  # another cache length, ending mid-bucket
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    # The engine's batches: a batch of 2 compiles once more (its size then becomes dynamic), and that graph
+    # serves every larger batch and cache: two graphs in all, whatever the load.
+    for rows, cache_len in ((2, 70), (3, 70), (5, 120)):
+        batch = torch.randint(0, tiny_config.vocab_size, (rows, 4))
+        assert run_both(model, fast, batch, cache_len) < 1e-4
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
 
 
 def test_compiled_step_on_a_quantised_model(tiny_config: Config) -> None:
