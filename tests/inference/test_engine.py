@@ -71,14 +71,15 @@ class Result:
         return "".join(self.pieces)
 
 
-def run_all(engine: Engine, requests: list[tuple[list[int], GenerationConfig]]) -> list[tuple[Job, Result]]:
+def run_all(engine: Engine, requests: list[tuple[list[int], GenerationConfig]],
+            timeout: float = TIMEOUT) -> list[tuple[Job, Result]]:
     """Submit every request at once and wait until all are done."""
     results = []
     for prompt, config in requests:
         result = Result()
         results.append((engine.submit(prompt, config, result.on_event), result))
     for _, result in results:
-        assert result.done.wait(TIMEOUT), "a request did not finish"
+        assert result.done.wait(timeout), "a request did not finish"
         assert result.error is None, result.error
     return results
 
@@ -217,6 +218,7 @@ def test_compiled_step_in_the_engine(model, tokenizer, engine_of) -> None:
     expected = [alone(model, tokenizer, p, config)[0] for p in prompts]
     compile_decoding(model)
     requests = [(p, config) for p in prompts]
-    got = [job.new_ids for job, _ in run_all(engine_of(max_batch=3), requests)]
+    # (compiling twice, for 1 row and for more, takes ~20-60 s, minutes on a busy machine)
+    got = [job.new_ids for job, _ in run_all(engine_of(max_batch=3), requests, timeout=900)]
     assert model.compiled_step.compile_seconds is not None  # it did run
     assert got == expected
