@@ -60,7 +60,10 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -69,7 +72,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ROWS = 16  # output rows per packed block: one 512-bit register of int32 accumulators
+ROWS = 16  # output rows per packed block: one 512-bit register of int32 accumulators (two 256-bit ones)
 GROUP = 32  # input channels per activation (and q4 weight) scale
 
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mf16c", "-mfma",
@@ -79,33 +82,58 @@ _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mav
 _LDFLAGS = ["-fopenmp"]
 
 
+@dataclass(frozen=True)
+class Isa:
+    """One build of the kernels: the csrc/ files it compiles (.cpp) and includes (.h), its compiler flags,
+    the /proc/cpuinfo flags the CPU must report to run it, and the prefix of its build name."""
+
+    files: tuple[str, ...]
+    cflags: tuple[str, ...]
+    cpu_flags: frozenset[str]
+    prefix: str
+
+
+# The builds, fastest first: `isa()` takes the first this CPU runs. Each compiles only its own files (ops.cpp,
+# the ops' schemas, is shared), so a change to one leaves the other's build, and its name, as it was. Never
+# -march=native: a build must run on every CPU with these flags, not only on the one that compiled it.
+ISAS = {
+    "avx512": Isa(("ops.cpp", "matmul.cpp", "decode_attention.cpp", "simd.h"), tuple(_CFLAGS),
+                  frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"}), "smollm2_kernels_"),
+    "avx2": Isa(("ops.cpp", "matmul_avx2.cpp", "decode_attention_avx2.cpp", "simd_avx2.h"),
+                ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"), frozenset({"avx2", "fma", "f16c"}),
+                "smollm2_kernels_avx2_"),
+}
+
+
 def source_dir() -> Path:
     """smollm2/quant/csrc/ of the installed package: the kernels' C++ (.cpp compiled, .h included by them)."""
     return Path(str(resources.files("smollm2.quant") / "csrc"))
 
 
-def sources() -> dict[str, str]:
-    """Each C++ file of csrc/ by name, with its text (empty where the package was installed without them)."""
+def sources(isa: str | None = None) -> dict[str, str]:
+    """Each C++ file of csrc/ by name, with its text (empty where the package was installed without them);
+    with isa, only the files of that build (ISAS)."""
     csrc = resources.files("smollm2.quant") / "csrc"
     if not csrc.is_dir():
         return {}
+    wanted = ISAS[isa].files if isa else None
     return {f.name: f.read_text(encoding="utf-8") for f in sorted(csrc.iterdir(), key=lambda f: f.name)
-            if f.name.endswith((".cpp", ".h"))}
+            if f.name.endswith((".cpp", ".h")) and (wanted is None or f.name in wanted)}
 
 
-def build_name(texts: Mapping[str, str], flags: Sequence[str], torch_version: str = torch.__version__) -> str:
+def build_name(texts: Mapping[str, str], flags: Sequence[str], torch_version: str = torch.__version__,
+               prefix: str = "smollm2_kernels_") -> str:
     """The extension's name, which keys its build directory: a hash of all that the build depends on. torch's
     version is in it because ninja does not track torch's headers (-isystem), so a stale build would remain."""
     key = json.dumps([sorted(texts.items()), list(flags), torch_version])
-    return "smollm2_kernels_" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
+    return prefix + hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
 
 
-NAME = build_name(sources(), _CFLAGS + _LDFLAGS)
+def _isa_name(isa: str) -> str:
+    return build_name(sources(isa), [*ISAS[isa].cflags, *_LDFLAGS], prefix=ISAS[isa].prefix)
 
 
-def cpu_supported() -> bool:
-    """AVX-512 with VNNI (x86-64 Ice Lake / Zen 4 and later), read from /proc/cpuinfo."""
-    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"} <= _cpu_flags()
+NAMES = {isa: _isa_name(isa) for isa in ISAS}  # each build's name (the AVX-512 one as before the AVX2 build)
 
 
 @cache
@@ -117,49 +145,87 @@ def _cpu_flags() -> set[str]:
     return set(flags.split()[2:])  # after "flags" and ":"
 
 
+def cpu_runs(isa: str) -> bool:
+    """Whether this CPU reports every flag that ISA's build needs (/proc/cpuinfo). Where there is no
+    /proc/cpuinfo, torch's own detection decides for AVX2 (its "AVX2" level means AVX2 and FMA; every such
+    CPU has F16C too); the AVX-512 build also needs VNNI, which that level does not say."""
+    flags = _cpu_flags()
+    if not flags and isa == "avx2":
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return ISAS[isa].cpu_flags <= flags
+
+
+@cache
+def isa() -> str | None:
+    """The build this process uses: SMOLLM2_ISA (avx2 or avx512) if set, else the fastest this CPU runs
+    (AVX-512 VNNI, then AVX2 with FMA and F16C), None if neither. Raises ValueError for an unknown value or
+    one this CPU cannot run. (A CPU with AVX-VNNI but no AVX-512, as Intel's since Alder Lake, runs avx2.)"""
+    forced = os.environ.get("SMOLLM2_ISA", "").strip().lower()
+    if not forced:
+        return next((name for name in ISAS if cpu_runs(name)), None)
+    if forced not in ISAS:
+        raise ValueError(f"SMOLLM2_ISA={forced!r} is not one of {', '.join(ISAS)}")
+    if not cpu_runs(forced):
+        missing = sorted(ISAS[forced].cpu_flags - _cpu_flags())
+        raise ValueError(f"SMOLLM2_ISA={forced}: this CPU cannot run it (/proc/cpuinfo lacks {', '.join(missing)})")
+    return forced
+
+
+def cpu_supported() -> bool:
+    """Whether any of our builds runs on this CPU (AVX-512 VNNI, or AVX2 + FMA + F16C)."""
+    return isa() is not None
+
+
 def bf16_supported() -> bool:
-    """Whether bf16_mm runs here: the kernels are loaded and the CPU has AVX-512 BF16 (vdpbf16ps)."""
-    return available() and "avx512_bf16" in _cpu_flags()
+    """Whether bf16_mm runs here: the AVX-512 kernels are loaded and the CPU has AVX-512 BF16 (vdpbf16ps)."""
+    return available() and isa() == "avx512" and "avx512_bf16" in _cpu_flags()
 
 
-def build_dir() -> Path:
-    """Where cpp_extension keeps the build (~/.cache/torch_extensions/py311_cpu/NAME by default); creates it."""
+def build_dir(isa_name: str | None = None) -> Path:
+    """Where cpp_extension keeps a build (~/.cache/torch_extensions/py311_cpu/NAME by default; this process's
+    build, `isa()`, unless named); creates it."""
     from torch.utils import cpp_extension
 
-    return Path(cpp_extension._get_build_directory(NAME, verbose=False))  # private, but it is load's own
+    name = NAMES[isa_name or isa() or "avx2"]
+    return Path(cpp_extension._get_build_directory(name, verbose=False))  # private, but it is load's own
 
 
 @cache
 def available() -> bool:
-    """Whether the kernels are loaded (`torch.ops.smollm2.q4_mm` / `q8_mm` exist). Uses a build made earlier
-    by `python -m smollm2.kernels`; builds only if SMOLLM2_BUILD_KERNELS=1 (a build takes ~1 minute).
-    SMOLLM2_KERNELS=0 turns them off (to compare with torch's kernels)."""
-    if os.environ.get("SMOLLM2_KERNELS") == "0" or not cpu_supported():
+    """Whether the kernels are loaded (`torch.ops.smollm2.q4_mm` / `q8_mm` / `f32_mv` / `decode_attention`
+    exist): the build `isa()` picks, made earlier by `python -m smollm2.kernels`; builds only if
+    SMOLLM2_BUILD_KERNELS=1 (a build takes ~1 minute). SMOLLM2_KERNELS=0 turns them off (to compare with
+    torch's kernels). One build per process: both register the same ops."""
+    if os.environ.get("SMOLLM2_KERNELS") == "0":
+        return False
+    chosen = isa()
+    if chosen is None:
         return False
     if os.environ.get("SMOLLM2_BUILD_KERNELS") == "1":
-        return _load(build=True)
-    if not (build_dir() / f"{NAME}.so").is_file():
-        log.info("smollm2 kernels not built (python -m smollm2.kernels builds them); using torch's")
+        return _load(chosen, build=True)
+    if not (build_dir(chosen) / f"{NAMES[chosen]}.so").is_file():
+        log.info("smollm2 %s kernels not built (python -m smollm2.kernels builds them); using torch's", chosen)
         return False
-    return _load(build=False)
+    return _load(chosen, build=False)
 
 
-def _load(build: bool) -> bool:
-    """Load the kernels; with build, through cpp_extension.load, which (re)builds them first where needed.
+def _load(isa_name: str, build: bool) -> bool:
+    """Load a build; with build, through cpp_extension.load, which (re)builds it first where needed.
     Without, the cached library is loaded as it is: its name is the hash of these very sources, so it is up to
     date, and ninja (which would rebuild on a newer mtime or another checkout's paths) is not needed."""
     from torch.utils import cpp_extension
 
-    files = [str(source_dir() / name) for name in sources() if name.endswith(".cpp")]
+    name = NAMES[isa_name]
+    files = [str(source_dir() / f) for f in sources(isa_name) if f.endswith(".cpp")]
     if build and not files:
         log.warning("smollm2 kernels unavailable (no C++ sources in %s); using torch's", source_dir())
         return False
     try:
         if build:
-            cpp_extension.load(NAME, sources=files, extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
-                               is_python_module=False, verbose=False)
+            cpp_extension.load(name, sources=files, extra_cflags=list(ISAS[isa_name].cflags),
+                               extra_ldflags=_LDFLAGS, is_python_module=False, verbose=False)
         else:
-            torch.ops.load_library(str(build_dir() / f"{NAME}.so"))  # as cpp_extension.load ends
+            torch.ops.load_library(str(build_dir(isa_name) / f"{name}.so"))  # as cpp_extension.load ends
         _register_fakes()
     except Exception as e:  # no compiler, a failed build, an incompatible cached build: fall back
         log.warning("smollm2 kernels unavailable (%s: %s); using torch's", type(e).__name__, str(e)[:300])
@@ -247,14 +313,29 @@ def decode_attention_supported(n_head: int, n_kv_head: int, head_dim: int, dtype
 
 
 def main() -> None:
-    """`python -m smollm2.kernels` (or smollm2.quant.kernels): build the kernels now and say where they are."""
+    """`python -m smollm2.kernels` (or smollm2.quant.kernels): build the kernels this CPU runs now and say where
+    they are: the one `isa()` picks, then (unless SMOLLM2_ISA names one) every other build this CPU runs, each
+    in a process of its own (one process loads one build), so that SMOLLM2_ISA=avx2 can be tested on an
+    AVX-512 machine too."""
     logging.basicConfig(level=logging.INFO)
-    if not cpu_supported():
-        print("this CPU has no AVX-512 VNNI: the kernels are not built; torch's kernels are used instead")
-    elif _load(build=True):
-        print(f"built {NAME} in {build_dir()}")
-    else:
-        raise SystemExit("building the smollm2 kernels failed (see the warning above); torch's kernels are used")
+    try:
+        chosen = isa()
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if chosen is None:
+        print("this CPU has neither AVX-512 VNNI nor AVX2 with FMA and F16C: the kernels are not built; "
+              "torch's kernels are used instead")
+        return
+    if not _load(chosen, build=True):
+        raise SystemExit(f"building the smollm2 {chosen} kernels failed (see the warning above); torch's kernels "
+                         "are used")
+    print(f"built {NAMES[chosen]} ({chosen}) in {build_dir(chosen)}")
+    if os.environ.get("SMOLLM2_ISA"):
+        return
+    for other in ISAS:
+        if other != chosen and cpu_runs(other):
+            subprocess.run([sys.executable, "-m", "smollm2.quant.kernels"], env={**os.environ, "SMOLLM2_ISA": other},
+                           check=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""smollm2's own C++ kernels (smollm2/kernels.py, C++ in smollm2/csrc/): where the sources are found, how the
-build is named (a hash, so that a changed source builds afresh) and that nothing builds unasked; then each op
-(q4_mm, q8_mm, bf16_mm, f32_mv, decode_attention) against float maths, torch or SDPA."""
+"""smollm2's own C++ kernels (smollm2/quant/kernels.py, C++ in smollm2/quant/csrc/): where the sources are found,
+how each build (AVX-512, AVX2) is named (a hash, so that a changed source builds afresh), which one a CPU or
+SMOLLM2_ISA picks, and that nothing builds unasked; then each op (q4_mm, q8_mm, bf16_mm, f32_mv,
+decode_attention) of the build loaded here against a pure-torch reference of the same maths (bit for bit where
+the inputs make every float operation exact), float maths, torch or SDPA. On a CPU that runs both builds the
+ops' tests run once more on the other one, in a process of its own."""
 
 from __future__ import annotations
 
@@ -32,18 +35,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def vnni_or_skip() -> None:
+def kernels_or_skip() -> None:
     if not kernels.available():
-        pytest.skip("smollm2's VNNI kernels are not built here (python -m smollm2.kernels) or the CPU lacks VNNI")
+        pytest.skip("smollm2's kernels are not built here (python -m smollm2.kernels) or the CPU runs none of them")
 
 
 # ---- the sources, the name, the build ---------------------------------------------------------------------
 
 
 def test_the_sources_are_found_through_the_package() -> None:
-    csrc = resources.files("smollm2") / "csrc"
+    csrc = resources.files("smollm2.quant") / "csrc"
     found = kernels.sources()
     assert {"ops.cpp", "matmul.cpp", "decode_attention.cpp", "simd.h"} <= set(found)
+    assert set(found) == {name for isa in kernels.ISAS.values() for name in isa.files}  # every file in a build
+    for name, isa in kernels.ISAS.items():
+        assert set(kernels.sources(name)) == set(isa.files) and "ops.cpp" in isa.files
+        assert not any("-march" in flag for flag in isa.cflags)  # a build must run on other CPUs than its own
+    assert not any("avx512" in flag for flag in kernels.ISAS["avx2"].cflags)
     assert all(text == (csrc / name).read_text(encoding="utf-8") for name, text in found.items())
     assert kernels.source_dir() == Path(str(csrc)) and (kernels.source_dir() / "ops.cpp").is_file()
     assert all(f'm.def("{op}(' in found["ops.cpp"] for op in OPS)  # the ops kernels.py registers fakes for
@@ -66,38 +74,115 @@ def test_build_name_is_a_hash_of_sources_flags_and_torch() -> None:
     assert len({name, *others}) == 1 + len(others)
 
 
-def test_the_name_is_that_of_the_package_sources() -> None:
-    assert kernels.NAME == kernels.build_name(kernels.sources(), kernels._CFLAGS + kernels._LDFLAGS)
-    assert kernels.build_dir().name == kernels.NAME
+def test_each_name_is_that_of_its_own_sources() -> None:
+    """The AVX-512 build keeps the name it had before the AVX2 build existed (a hash of its own files), so
+    adding or changing the AVX2 sources never sends an AVX-512 machine into a rebuild, and the reverse."""
+    avx512 = kernels.build_name(kernels.sources("avx512"), kernels._CFLAGS + kernels._LDFLAGS)
+    assert kernels.NAMES["avx512"] == avx512 and re.fullmatch(r"smollm2_kernels_[0-9a-f]{12}", avx512)
+    avx2 = kernels.NAMES["avx2"]
+    assert re.fullmatch(r"smollm2_kernels_avx2_[0-9a-f]{12}", avx2)
+    assert avx2 == kernels.build_name(kernels.sources("avx2"), [*kernels.ISAS["avx2"].cflags, *kernels._LDFLAGS],
+                                      prefix="smollm2_kernels_avx2_")
+    for name in kernels.ISAS:
+        assert kernels.build_dir(name).name == kernels.NAMES[name]
 
 
 def test_a_build_is_found_under_its_name() -> None:
-    vnni_or_skip()
-    assert (kernels.build_dir() / f"{kernels.NAME}.so").is_file()  # what available() looks for before loading
+    kernels_or_skip()
+    isa = kernels.isa()
+    assert (kernels.build_dir() / f"{kernels.NAMES[isa]}.so").is_file()  # what available() looks for
     assert all(hasattr(torch.ops.smollm2, op) for op in OPS)
+    assert kernels.NAMES[isa] in Path("/proc/self/maps").read_text()  # the build isa() picked is the one loaded
 
 
 def python_here(code: str, **env: str) -> str:
-    """What `python -c code` prints, in a fresh process with no SMOLLM2_* switches set and env on top."""
-    base = {k: v for k, v in os.environ.items() if k not in ("SMOLLM2_BUILD_KERNELS", "SMOLLM2_KERNELS")}
-    return subprocess.run([sys.executable, "-c", code], env=base | env, capture_output=True, text=True,
-                          timeout=300, check=True).stdout
+    """What `python -c code` prints (see run_python)."""
+    return run_python(code, **env).stdout
+
+
+def run_python(code: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """`python -c code` in a fresh process with no SMOLLM2_* switches set and env on top."""
+    switches = ("SMOLLM2_BUILD_KERNELS", "SMOLLM2_KERNELS", "SMOLLM2_ISA")
+    base = {k: v for k, v in os.environ.items() if k not in switches}
+    done = subprocess.run([sys.executable, "-c", code], env=base | env, capture_output=True, text=True, timeout=300)
+    assert not check or done.returncode == 0, done.stderr
+    return done
 
 
 def test_available_never_builds_unasked(tmp_path: Path) -> None:
     """Without a cached build, available() is False rather than the start of a minute-long compile."""
     code = "from smollm2.quant import kernels; print(kernels.available(), kernels.build_dir())"
     available, where = python_here(code, TORCH_EXTENSIONS_DIR=str(tmp_path)).split()  # an empty build cache
-    assert available == "False" and Path(where) == tmp_path / kernels.NAME
+    assert available == "False" and Path(where).parent == tmp_path and Path(where).name in kernels.NAMES.values()
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing written, nothing compiled
 
 
 def test_a_cached_build_loads_without_ninja_or_a_compiler(tmp_path: Path) -> None:
     """available() loads NAME.so as it is: no ninja run (which a source's newer mtime alone would send into a
     rebuild), so neither ninja nor c++ is needed once built."""
-    vnni_or_skip()
+    kernels_or_skip()
     code = "from smollm2.quant import kernels; print(kernels.available(), kernels.bf16_supported())"
     assert python_here(code, PATH=str(tmp_path)).split() == ["True", str(kernels.bf16_supported())]
+
+
+# ---- which build: the CPU's flags, or SMOLLM2_ISA --------------------------------------------------------
+
+
+def test_the_fastest_build_the_cpu_runs_is_picked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SMOLLM2_ISA", raising=False)
+    cases = [({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "avx2", "fma"}, "avx512"),
+             ({"avx2", "fma", "f16c", "avx_vnni"}, "avx2"),  # Alder Lake and later: AVX-VNNI, no AVX-512
+             ({"avx512f", "avx512bw", "avx512vl", "f16c", "avx2", "fma"}, "avx2"),  # Skylake-X: no VNNI
+             ({"avx", "f16c"}, None), ({"avx2", "f16c"}, None)]  # no AVX2; AVX2 without FMA
+    for flags, expected in cases:
+        monkeypatch.setattr(kernels, "_cpu_flags", lambda flags=flags: flags)
+        kernels.isa.cache_clear()
+        try:
+            assert kernels.isa() == expected, flags
+            assert kernels.cpu_supported() == (expected is not None)
+        finally:
+            kernels.isa.cache_clear()
+
+
+def test_smollm2_isa_forces_a_build_or_names_the_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    for value, message in [("avx9", r"SMOLLM2_ISA='avx9' is not one of avx512, avx2"),
+                           ("avxvnni", r"SMOLLM2_ISA='avxvnni' is not one of"),
+                           ("avx512", r"SMOLLM2_ISA=avx512: this CPU cannot run it \(/proc/cpuinfo lacks avx512_vnni, "
+                                      r"avx512bw, avx512f, avx512vl\)")]:
+        monkeypatch.setenv("SMOLLM2_ISA", value)
+        kernels.isa.cache_clear()
+        try:
+            with pytest.raises(ValueError, match=message):
+                kernels.isa()
+        finally:
+            kernels.isa.cache_clear()
+    monkeypatch.setenv("SMOLLM2_ISA", " AVX2 ")
+    kernels.isa.cache_clear()
+    try:
+        assert kernels.isa() == "avx2"
+    finally:
+        kernels.isa.cache_clear()
+
+
+def test_smollm2_isa_chooses_the_build_a_fresh_process_loads() -> None:
+    """Forced to each build this CPU runs, a process loads that build; a value this CPU cannot run stops
+    quantize_model (and `python -m smollm2.kernels`) with the value named, not a crash deep in torch."""
+    code = ("from pathlib import Path; from smollm2.quant import kernels; ok = kernels.available(); "
+            "print(kernels.isa(), ok, [n for n in kernels.NAMES.values() if n in Path('/proc/self/maps').read_text()])")
+    for name in kernels.ISAS:
+        if kernels.cpu_runs(name) and (kernels.build_dir(name) / f"{kernels.NAMES[name]}.so").is_file():
+            loaded = python_here(code, SMOLLM2_ISA=name).strip().split(maxsplit=2)
+            assert loaded == [name, "True", f"['{kernels.NAMES[name]}']"]
+    bad = "avx512" if not kernels.cpu_runs("avx512") else "sse2"
+    code = ("import torch; from smollm2.quant.quantize import quantize_model; "
+            "quantize_model(torch.nn.Linear(32, 16), 'int8')")
+    done = run_python(code, check=False, SMOLLM2_ISA=bad)
+    assert done.returncode == 1 and f"ValueError: SMOLLM2_ISA={bad}" in done.stderr.replace("'", "")
+    done = subprocess.run([sys.executable, "-m", "smollm2.kernels"], env={**os.environ, "SMOLLM2_ISA": bad},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and f"SMOLLM2_ISA={bad}" in done.stderr.replace("'", "")
+    assert "Traceback" not in done.stderr
 
 
 # ---- the ops ------------------------------------------------------------------------------------------------
@@ -105,9 +190,9 @@ def test_a_cached_build_loads_without_ninja_or_a_compiler(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("shape", [(64, 64), (960, 576), (576, 1536)])
-def test_vnni_kernels_match_float_maths(rows: int, shape: tuple[int, int]) -> None:
+def test_quantised_kernels_match_float_maths(rows: int, shape: tuple[int, int]) -> None:
     """Our kernels quantise the activations to int8 per group of 32 (as llama.cpp does): ~0.5% error."""
-    vnni_or_skip()
+    kernels_or_skip()
     N, K = shape
     w = torch.randn(N, K) * 0.05 + torch.linspace(-0.02, 0.02, K)  # groups with offsets: zeros matter
     x = torch.randn(rows, K)
@@ -124,9 +209,9 @@ def test_vnni_kernels_match_float_maths(rows: int, shape: tuple[int, int]) -> No
     assert torch.equal(q4.rows(16, 48)(x), q4(x)[:, 16:48]) and torch.equal(q8.rows(32, 64)(x), q8(x)[:, 32:64])
 
 
-def test_vnni_kernels_give_a_row_the_same_result_in_any_batch() -> None:
+def test_quantised_kernels_give_a_row_the_same_result_in_any_batch() -> None:
     """A prefill's rows go through the kernels 4 at a time, a decode step's one: the same numbers either way."""
-    vnni_or_skip()
+    kernels_or_skip()
     w, x = torch.randn(96, 128), torch.randn(7, 128)  # 7 rows: one tile of 4, then 3 one by one
     for layer in (Q4Linear.from_float(w), Q8Linear.from_float(w)):
         whole = layer(x)
@@ -137,7 +222,7 @@ def test_vnni_kernels_give_a_row_the_same_result_in_any_batch() -> None:
 @pytest.mark.parametrize("rows", [1, 6])
 def test_bf16_kernel_matches_float_maths(rows: int) -> None:
     """vdpbf16ps sums bf16 products in fp32; the output is rounded to bf16 once."""
-    vnni_or_skip()
+    kernels_or_skip()
     from smollm2.quant import kernels
 
     if not kernels.bf16_supported():
@@ -158,7 +243,7 @@ def test_bf16_kernel_matches_float_maths(rows: int) -> None:
 
 def test_f32_mv_kernel_matches_torch() -> None:
     """The float32 one-row product on nn.Linear's own weights, whatever the strides of a (1, K) input."""
-    vnni_or_skip()
+    kernels_or_skip()
     from smollm2.quant import kernels
 
     w, x = torch.randn(96, 576), torch.randn(1, 576)
@@ -183,7 +268,7 @@ def sdpa_reference(q, k, v, valid):
 def test_decode_attention_kernel_matches_sdpa(dtype, B, H, Hkv, D, L) -> None:
     """Our one-token attention (chunks of 64 positions merged as in flash-decoding) against SDPA, on views of
     a longer cache, with masked positions: whole 64-position chunks (left padding) and scattered ones."""
-    vnni_or_skip()
+    kernels_or_skip()
     from smollm2.quant import kernels
 
     assert kernels.decode_attention_supported(H, Hkv, D, dtype, torch.device("cpu"))
@@ -203,7 +288,7 @@ def test_decode_attention_kernel_matches_sdpa(dtype, B, H, Hkv, D, L) -> None:
 
 
 def test_decode_attention_kernel_supported_shapes() -> None:
-    vnni_or_skip()
+    kernels_or_skip()
     from smollm2.quant import kernels
 
     cpu = torch.device("cpu")
@@ -214,3 +299,142 @@ def test_decode_attention_kernel_supported_shapes() -> None:
     with pytest.raises(RuntimeError, match="head_dim 64 or 128"):
         torch.ops.smollm2.decode_attention(torch.randn(1, 4, 1, 32), *(torch.randn(1, 2, 8, 32),) * 2,
                                            torch.ones(1, 8, dtype=torch.bool))
+
+
+# ---- the quantised ops against the same maths in torch (whichever build is loaded) -----------------------
+
+
+def reference_mm(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    """The kernels' maths in float64 torch: x quantised to int8 per group of 32 exactly as the C++ does
+    (scale amax / 127, round half to even of x * (127 / amax) in fp32), exact integer dot products with the
+    codes (q4: q - 8 in 0..15 - 8, z given; q8: int8 codes), then per group d * scale * sum + z * sum x."""
+    M, K = x.shape
+    N, G = codes.shape[0], K // 32
+    xg = x.float().reshape(M, G, 32)
+    amax = xg.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros(()))  # fp32, as 127.f / amax
+    xq = torch.round(xg * inv[..., None]).double()  # (M, G, 32)
+    c = codes.double().reshape(N, G, 32) - (8 if z is not None else 0)
+    sums = torch.einsum("mgk,ngk->mng", xq, c)  # exact: integers far below 2^53
+    y = ((d.double()[None] * (amax.double() / 127)[:, None]) * sums).sum(-1)  # (M, N)
+    if z is not None:
+        y += (z.double()[None] * xg.double().sum(-1)[:, None]).sum(-1)
+    return y
+
+
+def exact_activations(M: int, K: int) -> torch.Tensor:
+    """Multiples of 1/8 within +-127/8, each group's largest exactly 127/8 (so its scale is exactly 1/8 and
+    every xq exactly 8 x): every float operation of the kernels on such inputs is exact. The extremes the
+    saturation argument of matmul_avx2.cpp rests on: rows of all +127 and all -127, and a group of zeros."""
+    xq = torch.randint(-127, 128, (M, K // 32, 32))
+    xq[..., 0] = torch.where(torch.rand(M, K // 32) < 0.5, 127, -127)
+    xq[0] = 127
+    if M > 1:
+        xq[1] = -127
+    if M > 2:
+        xq[2, 0] = 0  # amax 0: scale 0, all xq 0
+    return xq.reshape(M, K).float() / 8
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 9])
+def test_q4_kernel_is_the_reference_maths_bit_for_bit(M: int) -> None:
+    """With exact inputs the kernel's q4 result equals the reference to the bit: codes 0..15 (rows of all 15
+    against all +-127: the largest int16 pair sums), fp16 scales 2^-4, 2^-5 and zeros k/32, all tile paths."""
+    kernels_or_skip()
+    N, K = 48, 576
+    codes = torch.randint(0, 16, (N, K))
+    codes[:16] = 15
+    codes[16, :32] = 0
+    d = torch.where(torch.rand(N, K // 32) < 0.5, 2.0**-4, 2.0**-5)
+    z = torch.randint(-16, 17, (N, K // 32)) / 32
+    layer = Q4Linear(kernels.pack_q4(codes), kernels.pack_groups(d), kernels.pack_groups(z), N, K)
+    x = exact_activations(M, K)
+    expected = reference_mm(x, codes, d, z)
+    assert torch.equal(layer(x), expected.float())
+    assert torch.equal(layer(x.to(torch.bfloat16)), expected.to(torch.bfloat16))  # (these x are exact in bf16)
+
+
+@pytest.mark.parametrize("M", [1, 4, 7])
+def test_q8_kernel_is_the_reference_maths_bit_for_bit(M: int) -> None:
+    """Every int8 code -128..127, rows of all -128 and all 127 against all +-127 (the largest maddubs pairs
+    of the AVX2 path: 2 x 128 x 127), fp16 scales 2^-6, 2^-7: equal to the reference to the bit."""
+    kernels_or_skip()
+    N, K = 64, 256
+    codes = torch.randint(-128, 128, (N, K))
+    codes[:16], codes[16:32] = -128, 127
+    d = torch.where(torch.rand(N, K // 32) < 0.5, 2.0**-6, 2.0**-7)
+    layer = Q8Linear(kernels.pack_q8(codes), kernels.pack_groups(d), N, K)
+    x = exact_activations(M, K)
+    assert torch.equal(layer(x), reference_mm(x, codes, d, None).float())
+
+
+@pytest.mark.parametrize(("M", "N", "K"), [(1, 16, 32), (2, 960, 576), (6, 576, 1536), (13, 80, 96)])
+def test_quantised_kernels_follow_the_reference_maths(M: int, N: int, K: int) -> None:
+    """Random weights and activations: only the float rounding order may differ from the reference."""
+    kernels_or_skip()
+    w, x = torch.randn(N, K) * 0.05 + torch.linspace(-0.02, 0.02, K), torch.randn(M, K) * 3
+    codes, scales, zeros = quantize_int4(w, 32)
+    q4 = Q4Linear.from_float(w)
+    y4 = reference_mm(x, codes, scales.half().float(), zeros.half().float())
+    torch.testing.assert_close(q4(x).double(), y4, rtol=1e-5, atol=1e-5 * float(y4.abs().max()))
+    codes8, scales8 = quantize_int8(w, 32)
+    y8 = reference_mm(x, codes8, scales8.half().float(), None)
+    torch.testing.assert_close(Q8Linear.from_float(w)(x).double(), y8, rtol=1e-5, atol=1e-5 * float(y8.abs().max()))
+
+
+def test_kernels_give_the_same_numbers_on_any_number_of_threads() -> None:
+    """The work is split over blocks of 16 output rows (and attention over chunks of 64 positions), each
+    computed whole by one thread: one thread or several give the same bits."""
+    kernels_or_skip()
+    w, x = torch.randn(960, 576), torch.randn(5, 576)
+    layers = (Q4Linear.from_float(w), Q8Linear.from_float(w))
+    q, k, v = torch.randn(1, 9, 1, 64), torch.randn(1, 3, 300, 64), torch.randn(1, 3, 300, 64)
+    valid = torch.rand(1, 300) > 0.2
+
+    def outputs() -> list[torch.Tensor]:
+        return ([layer(x) for layer in layers] + [layer(x[:1]) for layer in layers]
+                + [torch.ops.smollm2.f32_mv(x[:1], w), torch.ops.smollm2.decode_attention(q, k, v, valid)])
+
+    threads = torch.get_num_threads()
+    many = outputs()
+    try:
+        torch.set_num_threads(1)
+        one = outputs()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many, strict=True))
+
+
+def test_quantised_kernels_reject_bad_shapes() -> None:
+    kernels_or_skip()
+    w = torch.randn(96, 128)
+    q4, q8 = Q4Linear.from_float(w), Q8Linear.from_float(w)
+    with pytest.raises(RuntimeError, match=r"smollm2 (avx2|vnni) kernel: bad shapes"):
+        torch.ops.smollm2.q4_mm(torch.randn(2, 100), q4.weight, q4.scales, q4.zeros, 96)  # K not a multiple of 32
+    with pytest.raises(RuntimeError, match="codes do not match the shapes"):
+        torch.ops.smollm2.q8_mm(torch.randn(2, 128), q8.weight, q8.scales, 80)
+
+
+def test_the_avx2_build_has_no_bf16_kernel() -> None:
+    """bf16_mm is AVX-512 BF16 only: the AVX2 build says so, and quantize.py keeps plain bf16 layers."""
+    kernels_or_skip()
+    if kernels.isa() != "avx2":
+        pytest.skip("the AVX-512 build is loaded here")
+    assert not kernels.bf16_supported()
+    with pytest.raises(RuntimeError, match="bf16_mm needs AVX-512 BF16"):
+        torch.ops.smollm2.bf16_mm(torch.randn(2, 64), torch.zeros(96 * 64, dtype=torch.bfloat16), 96)
+
+
+def test_the_other_builds_this_cpu_runs_pass_the_ops_tests() -> None:
+    """A CPU with AVX-512 VNNI also runs the AVX2 build (python -m smollm2.kernels builds both there): the
+    ops' tests run again on it, in a process of its own (one process loads one build)."""
+    kernels_or_skip()
+    others = [name for name in kernels.ISAS if name != kernels.isa() and kernels.cpu_runs(name)
+              and (kernels.build_dir(name) / f"{kernels.NAMES[name]}.so").is_file()]
+    if not others:
+        pytest.skip(f"this CPU runs only the {kernels.isa()} build")
+    for name in others:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                               "kernel and not other_builds and not sources and not name"],
+                              env={**os.environ, "SMOLLM2_ISA": name}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and " passed" in done.stdout, (name, done.stdout[-3000:])
