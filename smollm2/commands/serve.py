@@ -2,6 +2,7 @@
 
     smollm2 serve                                  # the bundled SmolLM2-135M-Instruct on http://127.0.0.1:8000
     smollm2 serve --api-key KEY --max-concurrency 8
+    smollm2 serve --allowed-hosts mybox.local      # also answer requests addressed to that name
 
 Then point any OpenAI client at it (`OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY or "none")`) or
 open http://127.0.0.1:8000/ in a browser. SIGTERM or Ctrl-C finish the requests in flight, then exit.
@@ -29,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests that may wait for a free slot; more get 429 (default: %(default)s)")
     parser.add_argument("--context-length", type=int, default=None, metavar="TOKENS",
                         help="longest prompt + completion accepted (default: the model's)")
+    parser.add_argument("--allowed-hosts", action="append", default=[], metavar="NAME[,NAME...]",
+                        help="Host header names to answer besides the bound address and localhost (others get "
+                             "403, against DNS rebinding); '*' = any. Bound beyond loopback (0.0.0.0), the "
+                             "server answers any name unless this is given")
     parser.add_argument("--model-name", default=None,
                         help="the model id clients send and /v1/models lists (default: from the source)")
     add_speed_options(parser, compile=True)  # a server runs long: the one-off compile pays back
@@ -36,11 +41,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..serve import create_app, run_server
+    from ..serve.app import check_api_key_value
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key must not be empty")
+    try:  # before the model loads: a key no client can send is a start-up error
+        check_api_key_value(args.api_key)
+    except ValueError as e:
+        raise ValueError(f"--api-key: {e}") from None
+    allowed_hosts = [name.strip() for value in args.allowed_hosts for name in value.split(",") if name.strip()]
     for flag, value, minimum in (("--max-concurrency", args.max_concurrency, 1), ("--max-queue", args.max_queue, 0)):
         if value < minimum:
             raise ValueError(f"{flag} must be at least {minimum}, got {value}")
@@ -49,5 +60,5 @@ def run(args: argparse.Namespace) -> int:
                      max_queue=args.max_queue, model_name=args.model_name, context_length=args.context_length)
     print(f"smollm2 serve: http://{args.host}:{args.port}/ (chat page), http://{args.host}:{args.port}/v1 (API)",
           flush=True)
-    run_server(app, args.host, args.port)
+    run_server(app, args.host, args.port, allowed_hosts=allowed_hosts)
     return 0

@@ -16,13 +16,14 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..inference.config import GenerationConfig
 from ..inference.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Engine, Job, QueueFull
@@ -35,6 +36,11 @@ if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# Slow clients (make_server, read_json): a slowloris must not hold connections or engine slots for long.
+HEADER_TIMEOUT = 10.0  # seconds a connection may take to send a request's headers (each request's, keep-alive too)
+BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive: 1 MiB at 35 KB/s
+MAX_CONNECTIONS = 512  # open connections; more are closed at once (file descriptors stay for real clients)
 
 
 # ---- one request in the engine -------------------------------------------------------------------------
@@ -137,16 +143,33 @@ def reply_stream(generation: Generation, *, chat: bool, include_usage: bool, mod
 
 
 async def read_json(request: Request) -> dict[str, Any]:
-    """The request's JSON object, refusing bodies over MAX_BODY_BYTES with 413 before reading them whole."""
+    """The request's JSON object, refusing bodies over MAX_BODY_BYTES with 413 before reading them whole, and
+    bodies still arriving after BODY_TIMEOUT seconds with 408 (a client dripping bytes holds no slot forever)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > protocol.MAX_BODY_BYTES:
         raise protocol.too_large()
     raw = bytearray()
-    async for piece in request.stream():  # counted as it arrives: a chunked body has no length header
-        raw += piece
-        if len(raw) > protocol.MAX_BODY_BYTES:
-            raise protocol.too_large()
+
+    async def read() -> None:
+        async for piece in request.stream():  # counted as it arrives: a chunked body has no length header
+            raw.extend(piece)
+            if len(raw) > protocol.MAX_BODY_BYTES:
+                raise protocol.too_large()
+
+    try:
+        await asyncio.wait_for(read(), timeout=request.app.state.body_timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"The request body did not arrive within {request.app.state.body_timeout:g} seconds.",
+                       code="request_timeout", headers={"Connection": "close"}) from None
+    except ClientDisconnect:  # a client that leaves mid-body: normal, one info line
+        log.info("%s left while sending its request body", _client(request.scope))
+        raise ClientGone from None
     return protocol.parse_body(bytes(raw))
+
+
+def _client(scope: dict[str, Any]) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "a client"
 
 
 # ---- errors in OpenAI's shape --------------------------------------------------------------------------
@@ -167,6 +190,10 @@ async def on_http_error(request: Request, e: HTTPException) -> JSONResponse:
 
 async def on_validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
     return error_response(protocol.validation_error(list(e.errors()), e))
+
+
+async def on_client_gone(request: Request, e: ClientGone) -> Response:
+    return Response(status_code=499)  # nobody reads it; uvicorn drops it
 
 
 async def on_server_error(request: Request, e: Exception) -> JSONResponse:
@@ -277,15 +304,18 @@ def create_app(
     context_length: int | None = None,
     engine: Engine | None = None,
     step: StepFn | None = None,
+    allowed_hosts: Collection[str] | None = None,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> FastAPI:
     """The FastAPI app. The engine (built here unless given) starts and stops with the app's lifespan.
     step: the engine's decode step; None = the model's compiled one where `load(compile=True)` made it, else
     `generate.decode_step`.
 
     max_concurrency requests are generated together and max_queue more may wait; beyond that, 429.
+    allowed_hosts: the Host header names answered (others get 403, against DNS rebinding); None = any, until
+    run_server sets them from the address it binds (allowed_hosts_for).
     """
-    if api_key is not None and not api_key:
-        raise ValueError("api_key must be a non-empty string (or None for no key)")
+    check_api_key_value(api_key)
     engine = engine or Engine(model, tokenizer, max_batch=max_concurrency, max_queue=max_queue,
                               context_length=context_length, step=step)
     routes = Routes(engine, tokenizer, name=model_name or protocol.default_model_name(model),
@@ -294,6 +324,7 @@ def create_app(
     app = FastAPI(title="smollm2", lifespan=engine_lifespan(engine), docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(ClientGone, on_client_gone)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_server_error)
@@ -307,17 +338,110 @@ def create_app(
     app.add_api_route("/health", routes.health, methods=["GET"])  # open: never needs the API key
     add_page(app)
 
+    app.add_middleware(RequestGuard, allowed_hosts=lambda: app.state.allowed_hosts)
+
     app.state.engine = engine
     app.state.api_key_required = api_key is not None
+    app.state.allowed_hosts = None if allowed_hosts is None else frozenset(host_name(h) for h in allowed_hosts)
+    app.state.allowed_hosts_given = allowed_hosts is not None
+    app.state.body_timeout = body_timeout
     return app
 
 
-def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:
-    """Serve app with uvicorn until SIGINT/SIGTERM; both drain the requests in flight before returning."""
-    import uvicorn
+def check_api_key_value(api_key: str | None) -> None:
+    """A ValueError for a key no client could send: empty, or not printable ASCII (HTTP headers arrive as
+    latin-1, so a key with 'é' in it would be compared with bytes the client never sent)."""
+    if api_key is None:
+        return
+    if not api_key:
+        raise ValueError("api_key must be a non-empty string (or None for no key)")
+    bad = next((c for c in api_key if not "!" <= c <= "~"), None)
+    if bad is not None:
+        raise ValueError(f"the API key holds {bad!r} (position {api_key.index(bad)}): a key must be printable "
+                         "ASCII without spaces, the characters an Authorization header carries as they are")
 
+
+# ---- cross-site requests and DNS rebinding -------------------------------------------------------------
+
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+_JSON = "application/json"
+_BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+def host_name(host: str) -> str:
+    """The name of a Host header value or --allowed-hosts entry: no port, no brackets, lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host_name(host)).is_loopback
+    except ValueError:
+        return host_name(host) == "localhost"
+
+
+def allowed_hosts_for(bind_host: str, extra: Iterable[str] = ()) -> frozenset[str] | None:
+    """The Host names a server bound to bind_host answers: its address and the localhost names, plus extra
+    (as Jupyter and Ollama do). None = any: extra holds "*", or the server listens beyond this machine
+    (0.0.0.0, a LAN address) under names it cannot know and extra does not name them."""
+    names = {host_name(h) for h in extra if h.strip()}
+    if "*" in names:
+        return None
+    if not _is_loopback(bind_host) and not names:
+        return None
+    return frozenset({*LOCAL_NAMES, host_name(bind_host), *names} - {"0.0.0.0", "::", ""})
+
+
+class RequestGuard:
+    """ASGI middleware run before routing: a Host the server does not answer to is 403 (a web page that
+    rebinds its own name to 127.0.0.1 cannot read the replies), and a request body that is not
+    `Content-Type: application/json` is 415 (a page can POST text/plain anywhere without a CORS preflight;
+    JSON needs one, which this server never grants: it sends no CORS headers)."""
+
+    def __init__(self, app: Any, allowed_hosts: Callable[[], frozenset[str] | None]) -> None:
+        self.app, self.allowed_hosts = app, allowed_hosts
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        error = self.check(scope) if scope["type"] == "http" else None
+        if error is None:
+            await self.app(scope, receive, send)
+        else:
+            await error_response(error)(scope, receive, send)
+
+    def check(self, scope: dict[str, Any]) -> APIError | None:
+        headers = {name: value.decode("latin-1") for name, value in scope["headers"]}
+        allowed = self.allowed_hosts()
+        host = headers.get(b"host")
+        if allowed is not None and host is not None and host_name(host) not in allowed:
+            log.info("refused %s: Host %r is not allowed", _client(scope), host)
+            return APIError(403, f"Host {protocol.show(host)} is not allowed: this server answers requests "
+                                 f"addressed to {', '.join(sorted(allowed))}. To allow this name, start it with "
+                                 f"--allowed-hosts {host_name(host) or 'NAME'}.", code="host_not_allowed")
+        if scope["method"] in _BODY_METHODS:
+            media_type = headers.get(b"content-type", "").partition(";")[0].strip().lower()
+            if media_type != _JSON:
+                return APIError(415, f"Content-Type must be {_JSON}, got {protocol.show(media_type or 'none')}.",
+                                code="unsupported_media_type")
+        return None
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
+               allowed_hosts: Iterable[str] = (), header_timeout: float = HEADER_TIMEOUT,
+               max_connections: int = MAX_CONNECTIONS) -> None:
+    """Serve app with uvicorn until SIGINT/SIGTERM; both drain the requests in flight before returning.
+
+    allowed_hosts: Host names answered besides this address and localhost's (see allowed_hosts_for), unless
+    create_app was given its own. header_timeout, max_connections: see make_server.
+    """
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be between 0 and 65535, got {port}")
+    if not getattr(app.state, "allowed_hosts_given", True):
+        app.state.allowed_hosts = allowed_hosts_for(host, allowed_hosts)
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -325,7 +449,8 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_l
     if not loopback:
         log.warning("serving on %s: reachable from other machines%s", host,
                     "" if getattr(app.state, "api_key_required", False) else ", with no API key (--api-key)")
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on"))
+    server = make_server(app, host, port, log_level=log_level, header_timeout=header_timeout,
+                         max_connections=max_connections)
     if threading.current_thread() is not threading.main_thread():
         server.run()
         return
@@ -337,3 +462,69 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_l
         server.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# ---- slow clients ----------------------------------------------------------------------------------------
+
+
+def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
+                header_timeout: float = HEADER_TIMEOUT, max_connections: int = MAX_CONNECTIONS):  # -> uvicorn.Server
+    """A uvicorn server whose connections must send each request's headers within header_timeout seconds and
+    of which at most max_connections are open: a slowloris client (headers dripped a byte at a time, hundreds
+    of connections) cannot exhaust the file descriptors. uvicorn has no header timeout of its own (its
+    keep-alive timeout is cancelled by any byte), so its h11 protocol gets one here."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            http=guarded_protocol(header_timeout, max_connections))
+    return uvicorn.Server(config)
+
+
+def guarded_protocol(header_timeout: float, max_connections: int) -> type:
+    """uvicorn's h11 protocol with a per-request header deadline and a cap on open connections."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                log.info("refused a connection from %s: %d open, the limit", _client({"client": self.client}),
+                         max_connections)
+                transport.close()
+                return
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(header_timeout, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.cycle is None or self.cycle.response_complete:  # still waiting for a request's headers
+                log.info("closed %s: no complete request headers within %g s", _client({"client": self.client}),
+                         header_timeout)
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
+            super().data_received(data)
+            if self.cycle is not cycle:  # a request's headers are complete: the app takes it from here
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # a kept-alive connection's next request has the same deadline
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol

@@ -359,19 +359,20 @@ def test_unknown_model_path_and_method(tiny_url):
 
 
 def test_body_over_1_mib_is_413(tiny_url):
+    JSON = {"content-type": "application/json"}  # noqa: N806 (else 415, before the size is looked at)
     big = json.dumps(with_(CHAT, messages=[{"role": "user", "content": "x" * (MAX_BODY_BYTES + 10)}])).encode()
-    assert_error(httpx.post(f"{tiny_url}/v1/chat/completions", content=big, timeout=30), 413)
+    assert_error(httpx.post(f"{tiny_url}/v1/chat/completions", content=big, headers=JSON, timeout=30), 413)
 
     def chunked():  # no Content-Length: the server must count the bytes as they come
         for i in range(0, len(big), 65536):
             yield big[i : i + 65536]
 
-    assert_error(httpx.post(f"{tiny_url}/v1/chat/completions", content=chunked(), timeout=30), 413)
+    assert_error(httpx.post(f"{tiny_url}/v1/chat/completions", content=chunked(), headers=JSON, timeout=30), 413)
     # Just under the limit is fine (JSON whitespace pads a small request).
     ok = json.dumps(CHAT).encode()
     ok = ok[:-1] + b" " * (MAX_BODY_BYTES - len(ok)) + b"}"
     assert len(ok) == MAX_BODY_BYTES
-    assert httpx.post(f"{tiny_url}/v1/chat/completions", content=ok, timeout=60).status_code == 200
+    assert httpx.post(f"{tiny_url}/v1/chat/completions", content=ok, headers=JSON, timeout=60).status_code == 200
 
 
 def test_no_500_on_random_bodies(tiny_url):
