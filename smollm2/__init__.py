@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .config import Config
+    from .hooks import capture
     from .inference.config import GenerationConfig
     from .inference.generate import chat, generate, generate_batch, stream_text
     from .loading import load
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 # public name -> the module that defines it
 _EXPORTS = {
     "Config": "config",
+    "capture": "hooks",
     "GenerationConfig": "inference.config",
     "SmolLM2": "model",
     "Tokenizer": "tokenizer",
@@ -36,7 +38,7 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "Config", "GenerationConfig", "SmolLM2", "Tokenizer", "chat", "generate", "generate_batch", "load",
+    "Config", "GenerationConfig", "SmolLM2", "Tokenizer", "capture", "chat", "generate", "generate_batch", "load",
     "save_pretrained", "stream_text",
 ]
 

@@ -4,6 +4,10 @@ Read top to bottom, this file is the whole model:
   token ids -> embedding -> N x [RMSNorm -> attention (RoPE, grouped-query) -> +residual,
                                  RMSNorm -> SwiGLU MLP -> +residual] -> RMSNorm -> lm_head -> logits
 
+Every activation worth looking at passes through a named hook point, `self.hook("hook_resid_pre", x)`, which
+returns x itself unless smollm2/hooks.py has hooked that module (`smollm2.capture`): the names are
+TransformerLens's (docs/hooks.md), and an unhooked point costs one call of a function that returns its argument.
+
 Shapes are given for SmolLM2-135M: hidden 576, 30 layers, 9 query heads and 3 key/value heads of size 64,
 MLP width 1536, vocabulary 49152. Module and parameter names match Hugging Face's `LlamaForCausalLM`
 (`model.layers.0.self_attn.q_proj.weight`, ...), so the original checkpoints load with strict checking.
@@ -29,6 +33,13 @@ if TYPE_CHECKING:
 # attention(q (B, n_head, T, hd), k, v (B, n_kv_head, S, hd), mask (B, 1, T, S) bool, None = causal)
 #   -> (B, n_head, T, hd)
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# hook(point name, activation) -> the activation to carry on with: each module's `hook`, see `no_hook`
+Hook = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def no_hook(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Every module's hook until smollm2.hooks sets another: the point passes its activation on unchanged."""
+    return x
 
 
 class RMSNorm(nn.Module):
@@ -38,12 +49,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.hook: Hook = no_hook
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()  # the mean of squares overflows/underflows in half precision
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * self.hook("hook_normalized", x.to(dtype))
 
 
 # ---- Rotary position embeddings (RoPE) ---------------------------------------------------------------------
@@ -105,6 +117,7 @@ class Attention(nn.Module):
         # three layers above then view its rows), and the function that attends (a one-token kernel, say).
         self.qkv_proj: nn.Module | None = None
         self.attention: AttentionFn = sdpa_attention
+        self.hook: Hook = no_hook
 
     def forward(
         self,
@@ -122,13 +135,14 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv_proj(x).split([self.q_proj.out_features, self.k_proj.out_features,
                                               self.v_proj.out_features], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = self.hook("hook_q", q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, n_head, T, hd)
+        k = self.hook("hook_k", k.view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        v = self.hook("hook_v", v.view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)
+        q, k = self.hook("hook_rot_q", apply_rope(q, cos, sin)), self.hook("hook_rot_k", apply_rope(k, cos, sin))
         if cache is not None:
             k, v = cache.update(start, k, v, length)  # (B, n_kv_head, length, hd): the cache's first positions
-        y = self.attention(q, k, v, mask)  # (B, n_head, T, hd)
+        # (B, n_head, T, hd). A hook on the attention pattern swaps in an explicit softmax(q k^T) (hooks.py).
+        y = self.hook("hook_z", self.attention(q, k, v, mask))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -141,13 +155,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.gate_up_proj: nn.Module | None = None  # gate and up as one matmul, where quantize.py fuses them
+        self.hook: Hook = no_hook
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = self.hook("hook_pre", gate), self.hook("hook_pre_linear", up)  # (B, T, 1536)
+        return self.down_proj(self.hook("hook_post", F.silu(gate) * up))
 
 
 class Block(nn.Module):
@@ -159,6 +175,7 @@ class Block(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        self.hook: Hook = no_hook
 
     def forward(
         self,
@@ -170,8 +187,11 @@ class Block(nn.Module):
         start: int | torch.Tensor,
         length: int,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, length)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.hook("hook_resid_pre", x)
+        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, length)
+        x = self.hook("hook_resid_mid", x + self.hook("hook_attn_out", attn_out))
+        mlp_out = self.mlp(self.post_attention_layernorm(x))
+        return self.hook("hook_resid_post", x + self.hook("hook_mlp_out", mlp_out))
 
 
 class Decoder(nn.Module):
@@ -204,6 +224,7 @@ class SmolLM2(nn.Module):
         self.quantization: Quantization | None = None  # set by quantize.py: the mode and the kernels it runs on
         # The decode step generation uses instead of the eager one: set by inference.compiled_step.compile_decoding.
         self.compiled_step: Callable[..., torch.Tensor] | None = None
+        self.hook: Hook = no_hook  # hook_embed and hook_logits
         # Original checkpoints of tied models carry no lm_head.weight: fill it in so strict loading still works.
         self.register_load_state_dict_pre_hook(_fill_tied_lm_head)
 
@@ -260,13 +281,13 @@ class SmolLM2(nn.Module):
             positions = slots.expand(B, T)
         cos, sin = self.model.rope_cos[positions], self.model.rope_sin[positions]  # (B, T, head_dim)
         mask = self._attention_mask(T, start, slots, length, attention_mask)
-        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        x = self.hook("hook_embed", self.model.embed_tokens(input_ids))  # (B, T, hidden)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, mask, cache.layers[i] if cache is not None else None, start, length)
         if output == "last_logits":
             x = x[:, -1]  # left padding puts every row's last real token at T-1
         x = self.model.norm(x)
-        return x if output == "hidden" else self.lm_head(x)
+        return x if output == "hidden" else self.hook("hook_logits", self.lm_head(x))
 
     def hidden(self, input_ids: torch.Tensor, **options: object) -> torch.Tensor:
         """The final normed hidden states (B, T, hidden_size): `forward(..., output="hidden")`."""

@@ -239,12 +239,13 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 LAYERS = (
     ("the model", ("smollm2", "smollm2.config", "smollm2.defaults", "smollm2.model", "smollm2.kv_cache",
                    "smollm2.tokenizer", "smollm2.weights", "smollm2.gguf", "smollm2.checkpoint_format",
-                   "smollm2.lora")),
+                   "smollm2.lora", "smollm2.hooks")),
     ("quantisation", ("smollm2.quant", "smollm2.kernels")),  # smollm2.kernels: `python -m smollm2.kernels`
     ("inference", ("smollm2.inference",)),
     # load(source, quantize=, compile=) assembles a model from the layers below: weights, quant/, the compiled step
     ("loading", ("smollm2.loading",)),
-    ("applications", ("smollm2.eval", "smollm2.serve", "smollm2.bench", "smollm2.lm_eval_adapter")),
+    ("applications", ("smollm2.eval", "smollm2.serve", "smollm2.bench", "smollm2.lm_eval_adapter",
+                      "smollm2.interp")),
     ("training", ("smollm2.train",)),
     ("the command line", ("smollm2.cli", "smollm2.commands", "smollm2.__main__", "smollm2.bench.__main__")),
 )
