@@ -48,6 +48,31 @@ class TokenData:
             raise ValueError(f"{directory / 'train.bin'}: no training tokens (was the input text empty?)")
         return cls(directory, manifest, train, val)
 
+    def check_ids(self, vocab_size: int, model: str) -> None:
+        """Every id of both files below vocab_size, the model's, else a ValueError naming the file and the first
+        bad offset (an id past the embedding table would be an IndexError deep inside torch mid-run).
+
+        The files are scanned, not just the manifest's max_id: a file changed after `prepare` is caught too.
+        Reading them costs about a second per GB, once, before the first step.
+        """
+        for split, tokens in (("train", self.train), ("val", self.val)):
+            offset = first_id_at_least(tokens, vocab_size)
+            if offset is not None:
+                raise ValueError(
+                    f"{self.directory / f'{split}.bin'}: token {offset} (byte offset {offset * tokens.itemsize}) "
+                    f"is id {int(tokens[offset])}, outside the vocabulary of the model ({model}: {vocab_size} ids, "
+                    f"0-{vocab_size - 1}); prepare the data with the model's tokenizer"
+                )
+
+
+def first_id_at_least(tokens: np.ndarray, limit: int, chunk: int = 1 << 24) -> int | None:
+    """The offset of the first token >= limit, or None; read in pieces of 16M tokens (memory stays flat)."""
+    for start in range(0, len(tokens), chunk):
+        piece = tokens[start : start + chunk]
+        if int(piece.max()) >= limit:
+            return start + int(np.argmax(piece >= limit))
+    return None
+
 
 def windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and labels (len(starts), length): labels are the inputs shifted left by one token."""

@@ -262,6 +262,7 @@ class Trainer:
         if self.data.vocab_size > self.model_config.vocab_size:
             raise ValueError(f"--data {config.data} has token ids up to {self.data.vocab_size - 1}, but the model "
                              f"({config.model}) has only {self.model_config.vocab_size} embeddings")
+        self.data.check_ids(self.model_config.vocab_size, config.model)  # the files' ids, before the first step
         if config.seq_len > self.model_config.max_position_embeddings:
             raise ValueError(f"--seq-len {config.seq_len} exceeds the model's context length "
                              f"{self.model_config.max_position_embeddings}")

@@ -5,9 +5,11 @@ A prepared data directory holds (format "smollm2-tokens-v1"):
   train.bin, val.bin   flat little-endian uint16 token streams (numpy `tofile`); every document (or piece of
                        one, see below) is followed by the end-of-text token `<|endoftext|>` (id 0 in SmolLM2)
   manifest.json        {"format", "dtype", "vocab_size", "eot_id", "tokenizer": {"source", "sha256"},
-                        "train_tokens", "val_tokens", "val_fraction", "split", "sources": [{"path", "bytes",
-                        "sha256", "documents"}], "created"}; tokenizer.sha256 is the sha256 of the tokenizer's
-                       JSON (`tokenizer.backend.to_str()`), so two tokenizers with equal hashes give equal ids
+                        "train_tokens", "val_tokens", "max_id", "val_fraction", "split", "sources": [{"path",
+                        "bytes", "sha256", "documents"}], "created"}; tokenizer.sha256 is the sha256 of the
+                       tokenizer's JSON (`tokenizer.backend.to_str()`), so two tokenizers with equal hashes give
+                       equal ids; max_id is the largest id in either file (checked against a model's vocabulary
+                       before training, with the files themselves: TokenData.check_ids)
   tokenizer.json, tokenizer_config.json
                        the tokenizer that made the ids, so `load_tokenizer(DATA_DIR)` decodes them anywhere
 
@@ -276,6 +278,7 @@ def prepare(
             "tokenizer": {"source": source, "sha256": tokenizer_sha256(tokenizer)},
             "train_tokens": train_tokens,
             "val_tokens": val_tokens,
+            "max_id": max(max_token_id(tmp / "train.bin"), max_token_id(tmp / "val.bin")),
             "val_fraction": val_fraction,
             "split": split,
             "sources": sources,
@@ -437,7 +440,19 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     if manifest["eot_id"] >= manifest["vocab_size"]:
         raise ValueError(f"{path}: eot_id {manifest['eot_id']} is outside the vocabulary of "
                          f"{manifest['vocab_size']}")
+    max_id = manifest.get("max_id")  # absent in directories prepared before it was recorded
+    if max_id is not None and (not isinstance(max_id, int) or isinstance(max_id, bool) or max_id < 0
+                               or max_id >= manifest["vocab_size"]):
+        raise ValueError(f"{path}: max_id {max_id!r} is not an id of the vocabulary of {manifest['vocab_size']}")
     return manifest
+
+
+def max_token_id(path: Path, chunk: int = 1 << 24) -> int:
+    """The largest id in a token file (-1 when empty), read in pieces of 16M tokens."""
+    if path.stat().st_size == 0:
+        return -1
+    tokens = np.memmap(path, dtype=DTYPE, mode="r")
+    return max(int(tokens[i : i + chunk].max()) for i in range(0, len(tokens), chunk))
 
 
 def load_tokens(data_dir: str | Path, split: str, manifest: dict[str, Any] | None = None) -> np.ndarray:
