@@ -23,6 +23,8 @@ COMMANDS = {
     "export": ("export", "write a checkpoint in the original's layout (transformers can load it)"),
     "bench": ("bench", "measure prefill and decode speed against transformers and llama.cpp"),
     "serve": ("serve", "an OpenAI-compatible HTTP server with a chat page"),
+    "lens": ("lens", "the logit lens: what each layer would predict, as a table and a heat map"),
+    "patch": ("patch", "activation patching: which layers, positions and heads carry an answer"),
 }
 
 
