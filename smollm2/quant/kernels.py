@@ -1,10 +1,11 @@
-"""Hand-written AVX-512 kernels (quantised, bf16 and fp32 matmuls, decode attention), C++ built at run time.
+"""Hand-written AVX-512 and AVX2 kernels (quantised, bf16 and fp32 matmuls, decode attention), C++ built at run time.
 
     python -m smollm2.kernels        build them once (the setup step does); prints where they live
 
 torch's own weight-only kernels (quantize.py) dequantise every weight to float before multiplying. These do
 what llama.cpp does instead: quantise the activations too, to int8 per group of 32 channels, and multiply
-integer by integer with VNNI's `vpdpbusd` (64 byte multiply-adds per instruction). Two weight formats:
+integer by integer with VNNI's `vpdpbusd` (64 byte multiply-adds per instruction; the AVX2 build, below,
+with vpmaddubsw + vpmaddwd). Two weight formats:
   q4   4-bit codes q (0..15) per group of 32 input channels with an fp16 scale d and zero z per group:
        w = d * (q - 8) + z, llama.cpp's Q4_1 (w = d * q + min, the bundled GGUF's own format) re-centred
   q8   int8 codes per group of 32 input channels with an fp16 scale d per group: w = d * code, llama.cpp's
@@ -38,20 +39,38 @@ positions, each chunk's softmax computed apart (its maximum, its sum, its weight
 merged, as flash-decoding does, so both cores share even one row's 3 KV heads; the V rows are prefetched
 while the scores compute. At 576 cached positions it takes ~21-30 us against SDPA's 40-70 us.
 
-The C++ lives in smollm2/quant/csrc/ (package data): ops.cpp declares the ops (`torch.ops.smollm2.*`), matmul.cpp
-holds q4_mm, q8_mm, bf16_mm and f32_mv, decode_attention.cpp the attention, simd.h their shared AVX-512
-helpers. `torch.utils.cpp_extension.load` compiles them (ninja; -O3 -mavx512* -fopenmp) into NAME.so under
-~/.cache/torch_extensions/py311_cpu/NAME (or $TORCH_EXTENSIONS_DIR/NAME). NAME is "smollm2_kernels_" and 12
-hex digits of a sha256 of the sources, the compiler flags and torch's version (`build_name`): a changed
-source or flag, or another torch (whose headers the build depends on), gets a build of its own, and an
-unchanged one finds the cached build; nothing is bumped by hand, and older builds stay until deleted.
+AVX2 (CPUs without AVX-512: AMD Zen 2/3, Intel before Ice Lake, Intel's client chips since Alder Lake) gets a
+build of its own, the same ops on the same packed weights with the same maths: the same int8 activations and
+integer sums, only float sums in another order (tests/quant/test_kernels.py checks both builds against one
+torch reference, bit for bit on inputs that make every float operation exact). Its integer dot product is
+vpmaddubsw + vpmaddwd on the two 32-byte halves of each 64-byte chunk (rows 0-7, 8-15); matmul_avx2.cpp
+says why the int16 pairs never saturate. bf16_mm has no AVX2 version (no bf16 dot product): bf16 mode keeps
+plain bf16 layers there. Measured on a 2-core AMD EPYC (AVX2, no AVX-512), one thread: q4 at one row 3-6x
+faster than torch's int4 kernel (960 x 576: 29 against 126 us; the 49152 x 576 head in q8 at the memory
+bandwidth), at 512 rows 2-3x torch's and about the fp32 GEMM's speed.
+
+The C++ lives in smollm2/quant/csrc/ (package data): ops.cpp declares the ops (`torch.ops.smollm2.*`); the
+AVX-512 build compiles it with matmul.cpp (q4_mm, q8_mm, bf16_mm, f32_mv) and decode_attention.cpp, which
+share simd.h; the AVX2 build with matmul_avx2.cpp and decode_attention_avx2.cpp (simd_avx2.h), compiled with
+-mavx2 -mfma -mf16c only (`ISAS`). `torch.utils.cpp_extension.load` compiles a build (ninja; -O3 -fopenmp)
+into NAME.so under ~/.cache/torch_extensions/py311_cpu/NAME (or $TORCH_EXTENSIONS_DIR/NAME). NAME is
+"smollm2_kernels_" (AVX-512) or "smollm2_kernels_avx2_" and 12 hex digits of a sha256 of that build's own
+sources, its compiler flags and torch's version (`build_name`): a changed source or flag, or another torch
+(whose headers the build depends on), gets a build of its own, and an unchanged one finds the cached build;
+nothing is bumped by hand, and older builds stay until deleted.
+
+Which build a process uses is decided once (`isa()`): SMOLLM2_ISA=avx512|avx2 if set (a ValueError naming
+the value if it is unknown or this CPU lacks its flags), else the fastest one the CPU reports the flags for
+in /proc/cpuinfo (AVX-512 VNNI, else AVX2 + FMA + F16C). One process loads one build: both register the
+same ops. `python -m smollm2.kernels` builds that one, then every other one this CPU runs (in a process of
+its own), so that an AVX-512 machine tests the AVX2 build too.
 
 At run time `available()` loads the cached NAME.so as it is, if there is one (no ninja run: a newer mtime
 alone could start a rebuild), and builds only when asked to (`python -m smollm2.kernels`, which the setup
 step runs, or SMOLLM2_BUILD_KERNELS=1): using smollm2 never starts a minute-long compile. Everything falls
-back cleanly: `available()` is False where nothing is built, without a C++ compiler, on a CPU without
-AVX-512 VNNI, where the build fails, or with SMOLLM2_KERNELS=0, and quantize.py and compiled_step.py then use torch's
-kernels and SDPA; bf16_mm also needs AVX-512 BF16 (`bf16_supported()`).
+back cleanly: `available()` is False where nothing is built, without a C++ compiler, on a CPU with neither
+AVX-512 VNNI nor AVX2, where the build fails, or with SMOLLM2_KERNELS=0, and quantize.py and compiled_step.py
+then use torch's kernels and SDPA; bf16_mm also needs AVX-512 BF16 (`bf16_supported()`).
 """
 
 from __future__ import annotations

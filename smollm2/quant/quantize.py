@@ -13,8 +13,9 @@ parameter in fp32, 2 in bf16, ~1.06 in int8, ~0.63 in int4 (codes plus per-group
 model (embedding, norms, attention, KV cache) runs in bf16 in the quantised modes.
 
 Three sets of kernels, the first that works here is used (`backend()`, recorded in model.quantization):
-  vnni   smollm2's own AVX-512 VNNI kernels (kernels.py, built by `python -m smollm2.kernels`): activations
-         quantised to int8 per group of 32 and integer dot products, as llama.cpp does
+  vnni   smollm2's own kernels (kernels.py, built by `python -m smollm2.kernels`): activations quantised to
+         int8 per group of 32 and integer dot products, as llama.cpp does; AVX-512 VNNI or, on CPUs without
+         it, AVX2 (`kernels.isa()`: the same numbers up to float rounding; the name "vnni" covers both)
   torch  torch's weight-only kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`, as
          gpt-fast and torchao use them): bf16 activations, int8 per output channel only
   bf16   neither (another CPU, an older torch): plain bf16 linears holding the dequantised weights, the same
@@ -333,7 +334,8 @@ def kernel_available(mode: str, group_size: int = 32) -> bool:
 
 def backend(mode: str, group_size: int = 32) -> str:
     """Which kernels a quantised mode runs on here: "vnni" (smollm2's own, kernels.py, when built and the CPU
-    has AVX-512 VNNI), "torch" (torch's weight-only kernels), or "bf16" (neither: dequantised bf16 weights)."""
+    runs them: AVX-512 VNNI, or AVX2 for int8 / int4), "torch" (torch's weight-only kernels), or "bf16"
+    (neither: dequantised bf16 weights). bf16 mode's kernel needs AVX-512 BF16 (`kernels.bf16_supported`)."""
     from . import kernels
 
     if mode == "bf16":

@@ -438,3 +438,39 @@ def test_the_other_builds_this_cpu_runs_pass_the_ops_tests() -> None:
                                "kernel and not other_builds and not sources and not name"],
                               env={**os.environ, "SMOLLM2_ISA": name}, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0 and " passed" in done.stdout, (name, done.stdout[-3000:])
+
+
+# ---- the real weights: our kernels' int4 against torch's -----------------------------------------------
+
+PROMPTS = ("The capital of France is", "def fibonacci(n):", "Gravity is the force that")
+# logits: torch's int4 path gives bf16 logits, in steps of 0.125 at their scale (16-32), so a gap of one or
+# two steps is a tie; the activations' rounding (bf16 there, int8 per group here) moves logits by about as much
+TIE = 0.5
+
+
+@pytest.mark.slow
+def test_int4_greedy_tokens_on_our_kernels_are_torch_int4s(real_int4, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bundled weights in int4 on the build loaded here (the AVX2 one on a CPU without AVX-512) against
+    torch's int4 kernel on the same codes: the two quantise activations differently (int8 per group of 32
+    against bf16), so a near-tie may go either way; every token ours picks must be torch's choice or within
+    TIE of it (judged by torch's model on our tokens), and most continuations must be the same."""
+    import smollm2
+    from smollm2.inference.config import GenerationConfig
+
+    kernels_or_skip()
+    ours, tokenizer = real_int4
+    assert ours.quantization.backend == "vnni"
+    monkeypatch.setattr(kernels, "available", lambda: False)  # torch's kernels for the second model
+    theirs, _ = smollm2.load(quantize="int4")
+    assert theirs.quantization.backend == "torch"
+    config = GenerationConfig(max_new_tokens=16, ignore_eos=True)
+    same = 0
+    for text in PROMPTS:
+        prompt = tokenizer.encode(text)
+        new = list(smollm2.generate(ours, prompt, config=config))
+        same += new == list(smollm2.generate(theirs, prompt, config=config))
+        with torch.no_grad():  # torch's int4 logits at each of our choices
+            logits = theirs(torch.tensor([prompt + new]))[0, len(prompt) - 1 : -1].float()
+        gap = logits.max(dim=-1).values - logits.gather(1, torch.tensor(new)[:, None])[:, 0]
+        assert len(new) == 16 and float(gap.max()) < TIE, (text, tokenizer.decode(new), gap.tolist())
+    assert same >= len(PROMPTS) - 1
