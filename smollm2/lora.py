@@ -139,8 +139,14 @@ def apply_lora(model: SmolLM2, config: LoRAConfig) -> list[str]:
     return wrapped
 
 
+def _name(key: str) -> str:
+    """A module or state-dict name without torch.compile's wrapper (a compiled block adds `_orig_mod.`)."""
+    return key.replace("._orig_mod.", ".").replace("_orig_mod.", "")
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+    """The adapted layers by name (as in the uncompiled model)."""
+    return {_name(name): module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
 
 
 def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
@@ -169,6 +175,7 @@ def merged_state_dict(model: SmolLM2) -> dict[str, torch.Tensor]:
     layers = lora_layers(model)
     state = {}
     for key, value in model.state_dict().items():
+        key = _name(key)
         owner, _, leaf = key.rpartition(".")
         if ".lora_A." in key or ".lora_B." in key:
             continue
