@@ -156,10 +156,13 @@ def load_weights(source: str | Path | None = None) -> tuple[Config, dict[str, to
         from .gguf import load_gguf
 
         return load_gguf(path)
-    from .weights import read_safetensors
+    from .weights import check_state_dict, read_safetensors
 
     config = Config.from_json(path / "config.json")
-    return config, read_safetensors(path), Tokenizer.from_dir(path)
+    state_dict = read_safetensors(path)
+    # the config against the tensors first: a hostile config.json is an error before anything else is read
+    check_state_dict(state_dict, config, str(path))
+    return config, state_dict, Tokenizer.from_dir(path)
 
 
 def load(

@@ -101,3 +101,21 @@ def test_hostile_gguf_metadata(tmp_path: Path, tiny_config: Config) -> None:
     write_gguf(tmp_path / "context.gguf", model)
     fails_fast(tmp_path / "context.gguf", r"context.gguf: config field max_position_embeddings=100000000 "
                                           r"exceeds the limit")
+
+
+def test_hostile_checkpoint_config_is_caught_before_training_builds_a_model(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "train"))
+    from test_checkpoint import _save
+
+    from smollm2.checkpoint_format import COMPLETE, completion_marker
+    from smollm2.train import load_checkpoint
+
+    path = _save(tmp_path, 1)
+    edit_config(path, num_hidden_layers=1_000_000)
+    (path / COMPLETE).write_text(json.dumps(completion_marker(path, 1)))  # a marker that matches the lie
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"step_000001: config field num_hidden_layers=1000000 does not match"):
+        load_checkpoint(tmp_path)
+    assert time.perf_counter() - start < 1.0

@@ -45,6 +45,7 @@ from ..checkpoint_format import (  # the layout and finding checkpoints, shared 
     verified_checkpoint,
 )
 from ..config import Config
+from ..weights import check_state_dict
 from .config import TrainConfig
 from .prepare import fsync_dir
 
@@ -231,12 +232,14 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
     if trainer.get("format") != FORMAT:
         raise ValueError(f"{path / 'trainer.json'}: format {trainer.get('format')!r}, expected {FORMAT!r}")
     optimizer_state = _unflatten_optimizer(_read_tensors(path / "optimizer.safetensors"), trainer["optimizer"])
+    model_config, model_state = Config.from_json(path / "config.json"), _read_tensors(path / "model.safetensors")
+    check_state_dict(model_state, model_config, str(path))  # before a model is built from the config
     return Checkpoint(
         path=path,
         step=step,
-        model_config=Config.from_json(path / "config.json"),
+        model_config=model_config,
         train_config=TrainConfig.from_dict(_read_json(path / "train_config.json"), str(path / "train_config.json")),
-        model_state=_read_tensors(path / "model.safetensors"),
+        model_state=model_state,
         optimizer_state=optimizer_state,
         trainer=trainer,
         rng_tensors=_read_tensors(path / "rng.safetensors"),
