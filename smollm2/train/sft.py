@@ -74,6 +74,8 @@ class SFTTrainer(Trainer):
             raise ValueError("--data is required: a JSONL file of conversations")
         if not config.out:
             raise ValueError("--out is required: the run directory to write")
+        if not Path(config.data).expanduser().is_file():  # before the seconds a model takes to load
+            raise FileNotFoundError(f"--data {config.data}: no such file (expected JSONL, one conversation a line)")
         if config.fsdp:
             raise ValueError("fine-tuning does not support --fsdp (DDP, under torchrun, works)")
         self.ctx, self.device = ctx, ctx.device
@@ -225,8 +227,8 @@ class SFTTrainer(Trainer):
         source = config.source or "the bundled SmolLM2-135M-Instruct"
         if config.lora:
             trained = sum(p.numel() for p in self.params)
-            kind = (f"LoRA r={config.lora_rank} on {len(lora_layers(model))} layers: {trained / 1e6:.2f}M of "
-                    f"{model.num_parameters() / 1e6:.1f}M parameters train")
+            kind = (f"LoRA r={config.lora_rank} on {len(lora_layers(model))} layers: {trained / 1e6:.2f}M "
+                    f"parameters train, {(model.num_parameters() - trained) / 1e6:.1f}M frozen")
         else:
             kind = f"full: {model.num_parameters() / 1e6:.1f}M parameters"
         skipped = f", {len(self.data.skipped_long)} too long skipped" if self.data.skipped_long else ""

@@ -178,3 +178,24 @@ def test_real_weights_lora_sft_loss_falls(tmp_path: Path) -> None:
     losses = [trainer.train_step(step)["loss"] for step in range(4)]
     assert all(0 < loss < 10 for loss in losses), losses
     assert sum(losses[2:]) < 0.8 * sum(losses[:2]), losses  # the same two conversations, a second time
+
+
+def test_command_line_trains_resumes_and_reports_errors(tmp_path: Path, tiny_source: Path, chats: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from smollm2.cli import main
+
+    run = tmp_path / "run"
+    common = ["--source", str(tiny_source), "--max-len", "256", "--batch-size", "4", "--eval-every", "0",
+              "--sample-every", "0", "--device", "cpu"]
+    assert main(["finetune", "--data", str(chats), "--out", str(run), "--steps", "3", "--stop-at", "2",
+                 "--lora", "--lora-rank", "2", "--lora-targets", "q,v", *common]) == 0
+    assert "LoRA r=2 on 4 layers" in capsys.readouterr().out
+    assert main(["finetune", "--resume", str(run)]) == 0  # every setting from the run itself
+    out = capsys.readouterr().out
+    assert "resuming" in out and "steps 3-3 of 3" in out
+    assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3]
+    assert main(["finetune", "--resume", str(run), "--batch-size", "2", "--steps", "5"]) == 2
+    assert "--batch-size is 2, but the run was trained with 4" in capsys.readouterr().err
+    missing = tmp_path / "missing.jsonl"
+    assert main(["finetune", "--data", str(missing), "--out", str(tmp_path / "x"), *common]) == 2
+    assert f"--data {missing}: no such file" in capsys.readouterr().err
