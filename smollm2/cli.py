@@ -18,7 +18,7 @@ COMMANDS = {
     "chat": ("chat", "chat with the model in the terminal"),
     "prepare": ("prepare", "tokenize a text corpus for training"),
     "train": ("train", "train a model from scratch, or resume a run"),
-    "finetune": ("finetune", "fine-tune a model on chats (full or LoRA), or resume a fine-tuning run"),
+    "finetune": ("finetune", "supervised training on chats from any model (full or LoRA), or resume such a run"),
     "eval": ("eval", "perplexity of a model on a text corpus"),
     "evaluate": ("evaluate", "zero-shot benchmarks (PIQA, ARC, HellaSwag, ...) next to the model card"),
     "export": ("export", "write a checkpoint in the original's layout (transformers can load it)"),
