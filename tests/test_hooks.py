@@ -295,3 +295,24 @@ def test_bad_edits_say_what_is_wrong(tiny_config: Config) -> None:
         with pytest.raises(ValueError, match=message), torch.no_grad(), H.edit(model, edits):
             model(longer)
         assert all_unhooked(model)
+
+
+def test_a_models_own_attention_function_comes_back(tiny_config: Config) -> None:
+    """A fast path's attention (compiled_step.kernel_attention, say) is swapped for the explicit one only while
+    the pattern is hooked, and only on the layers hooked there."""
+    model = tiny(tiny_config)
+    calls = []
+
+    def own(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        calls.append(q.shape)
+        return sdpa_attention(q, k, v, mask)
+
+    for block in model.model.layers:
+        block.self_attn.attention = own
+    ids = torch.randint(0, tiny_config.vocab_size, (1, 4))
+    with torch.no_grad(), smollm2.capture(model, ["blocks.1.attn.hook_pattern", "blocks.0.attn.hook_z"]) as acts:
+        model(ids)
+        assert model.model.layers[1].self_attn.attention is not own
+    assert len(calls) == 1  # block 0 kept its own function; block 1 attended explicitly
+    assert acts["blocks.1.attn.hook_pattern"].shape == (1, 4, 4, 4)
+    assert all(block.self_attn.attention is own for block in model.model.layers)
