@@ -55,12 +55,12 @@ def tiny_source(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) 
 
 @pytest.fixture(scope="module")
 def chats(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return gsm8k_chats(tmp_path_factory.mktemp("chats") / "gsm8k.jsonl", 24)
+    return gsm8k_chats(tmp_path_factory.mktemp("chats") / "gsm8k.jsonl", 16)
 
 
 def quick(data: Path, out: Path, source: Path, **overrides: object) -> SFTConfig:
-    settings = dict(data=str(data), out=str(out), source=str(source), steps=6, batch_size=4, max_len=256,
-                    val_fraction=0.2, lr=3e-3, eval_every=3, sample_every=0, save_every=0, log_every=1000,
+    settings = dict(data=str(data), out=str(out), source=str(source), steps=4, batch_size=4, max_len=256,
+                    val_fraction=0.2, lr=3e-3, eval_every=2, sample_every=0, save_every=0, log_every=1000,
                     device="cpu", seed=1)
     return SFTConfig(**{**settings, **overrides})
 
@@ -79,13 +79,13 @@ def test_masked_loss_is_cross_entropy_over_the_counted_labels(tiny_config: Confi
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_resume_is_exact(tmp_path: Path, tiny_source: Path, chats: Path, lora: bool) -> None:
-    """6 steps straight == 3 steps, stop, resume to 6: weights, optimizer state and losses bit for bit (fp32,
+    """4 steps straight == 2 steps, stop, resume to 4: weights, optimizer state and losses bit for bit (fp32,
     2 micro-batches per step, adapter dropout on)."""
     options = dict(grad_accum=2, lora=lora, lora_rank=4, lora_alpha=8.0, lora_dropout=0.1)
     straight = finetune(quick(chats, tmp_path / "straight", tiny_source, **options), progress=False)
-    finetune(quick(chats, tmp_path / "resumed", tiny_source, stop_at=3, **options), progress=False)
+    finetune(quick(chats, tmp_path / "resumed", tiny_source, stop_at=2, **options), progress=False)
     second = finetune(quick(chats, tmp_path / "resumed", tiny_source, **options), resume=True, progress=False)
-    assert [r["step"] for r in second] == [4, 5, 6]
+    assert [r["step"] for r in second] == [3, 4]
     for name in ("model.safetensors", "optimizer.safetensors") + ((ADAPTER_WEIGHTS,) if lora else ()):
         assert_bitwise_equal(checkpoint_tensors(tmp_path / "straight", name),
                              checkpoint_tensors(tmp_path / "resumed", name))
@@ -143,7 +143,7 @@ def test_bad_runs_are_clear_errors(tmp_path: Path, tiny_source: Path, chats: Pat
         finetune(quick(chats, run, tiny_source, steps=4, batch_size=2), resume=True, progress=False)
     with pytest.raises(ValueError, match="--lora is True, but the run was trained with False"):
         finetune(quick(chats, run, tiny_source, steps=4, lora=True), resume=True, progress=False)
-    fewer = gsm8k_chats(tmp_path / "fewer.jsonl", 20)
+    fewer = gsm8k_chats(tmp_path / "fewer.jsonl", 12)
     with pytest.raises(ValueError, match=r"has \d+ training conversations, but the run was trained on \d+"):
         finetune(quick(fewer, run, tiny_source, steps=4), resume=True, progress=False)
     with pytest.raises(ValueError, match="nothing to do"):
