@@ -7,6 +7,9 @@
     loop.py        the training loop (DDP / FSDP2, bf16 autocast, compile, eval, samples, plot)
     checkpoint.py  crash-safe checkpoints, safetensors + JSON only
     dist.py        torchrun environment, process group, rank-0 output
+    chat_data.py   fine-tuning data: JSONL chats in the model's chat template, the assistant-token loss mask
+    sft_config.py  SFTConfig: `smollm2 finetune`'s knobs (TrainConfig's, plus source, epochs, LoRA)
+    sft.py         fine-tuning (full or LoRA) through loop.Trainer's steps, checkpoints and output
 
 The names below are imported on first use (PEP 562): `smollm2 train --help` reads TrainConfig (config.py, no
 torch) without loading the training loop.
