@@ -17,7 +17,8 @@ own columns (`attention_mask`, 1 = this row's token), and its RoPE positions cou
   * the timeline is reset to 0 when the batch drains, and shifted left (compacted) when the columns before
     every row's first one are free and the room is needed; the cache grows (doubling its rows up to
     max_batch and its columns up to the context length) only when that is not enough, so memory follows
-    the load;
+    the load; and once the engine has been idle (no request active or waiting) for idle_release_s seconds,
+    the cache is freed, so a burst's memory goes back to the system when the load goes;
   * a request is placed only when every active row, itself included, can run to its max_new_tokens within
     the cache, so a step never runs out of room; otherwise it waits for rows to finish.
 
@@ -56,6 +57,23 @@ if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# Seconds without any request after which the KV cache is freed (a burst of 32 long requests grows it to GBs).
+IDLE_RELEASE_S = 5.0
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the system (glibc's malloc_trim). The cache's tensors are allocated on the
+    engine thread, from its own malloc arena, which glibc does not shrink by itself: without this the RSS stays
+    at the burst's peak although the memory is free. A no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
 
 # on_event(kind, value): ("text", str) a piece of the reply; ("done", "stop" | "length") the end;
 # ("error", str) generation failed. Called on the engine's thread: it must return quickly and not block.
@@ -111,7 +129,8 @@ class Engine:
     step: the decode step (a generate.StepFn); None = the model's compiled step where `load(compile=True)` made
     one, else `generate.decode_step`. prefix_cache_mb: memory for the keys/values of prompt beginnings already
     prefilled, which later prompts that begin the same way reuse (prefix_cache.py); 0 = off. The cache assumes
-    the model's weights do not change while the engine runs.
+    the model's weights do not change while the engine runs. idle_release_s: seconds idle after which the
+    KV cache (sized by the last burst) is freed; the next request allocates a small one again.
     """
 
     def __init__(
@@ -125,6 +144,7 @@ class Engine:
         prefill_chunk: int = 256,
         step: StepFn | None = None,
         prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
+        idle_release_s: float = IDLE_RELEASE_S,
     ) -> None:
         limit = model.config.max_position_embeddings
         for name, value, minimum in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
@@ -135,6 +155,9 @@ class Engine:
         self.model, self.tokenizer, self.step = model, tokenizer, step_for(model, step)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.context_length = context_length or limit
+        if not idle_release_s > 0:
+            raise ValueError(f"idle_release_s must be a positive number of seconds, got {idle_release_s!r}")
+        self.idle_release_s = idle_release_s
         self.prefix_cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb else None
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -211,7 +234,10 @@ class Engine:
                         self._waiting.remove(job)
                         self.counters["cancelled"] += 1
                     while not (self._stopping or self._waiting or self._rows or self._prefill):
-                        self._wake.wait()
+                        if self._cache is None:
+                            self._wake.wait()
+                        elif not self._wake.wait(timeout=self.idle_release_s):
+                            self._free_cache()  # idle that long: the burst is over
                     if self._stopping:
                         break
                 try:
@@ -393,6 +419,14 @@ class Engine:
         for job in self._rows:
             job.begin -= shift
         self._T = T - shift
+
+    def _free_cache(self) -> None:
+        """Drop the (empty) KV cache: its tensors are freed and a later request allocates what it needs."""
+        rows, columns = self._cache.batch_size, self._cache.max_len
+        self._cache, self._views, self._T = None, {}, 0
+        self._mask = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
+        _return_freed_memory()
+        log.debug("idle for %g s: KV cache of %d rows x %d columns freed", self.idle_release_s, rows, columns)
 
     def _grow(self, rows: int, columns: int) -> None:
         """Reallocate the cache with at least `rows` rows and `columns` columns.
