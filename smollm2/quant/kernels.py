@@ -47,7 +47,7 @@ vpmaddubsw + vpmaddwd on the two 32-byte halves of each 64-byte chunk (rows 0-7,
 says why the int16 pairs never saturate. bf16_mm has no AVX2 version (no bf16 dot product): bf16 mode keeps
 plain bf16 layers there. Measured on a 2-core AMD EPYC (AVX2, no AVX-512), one thread: q4 at one row 3-6x
 faster than torch's int4 kernel (960 x 576: 29 against 126 us; the 49152 x 576 head in q8 at the memory
-bandwidth), at 512 rows 2-3x torch's and about the fp32 GEMM's speed.
+bandwidth), at 512 rows 1.7-3.2x torch's and 0.8-1.7x the fp32 GEMM (BENCHMARKS.md, taken under load).
 
 The C++ lives in smollm2/quant/csrc/ (package data): ops.cpp declares the ops (`torch.ops.smollm2.*`); the
 AVX-512 build compiles it with matmul.cpp (q4_mm, q8_mm, bf16_mm, f32_mv) and decode_attention.cpp, which
@@ -353,8 +353,10 @@ def main() -> None:
         return
     for other in ISAS:
         if other != chosen and cpu_runs(other):
-            subprocess.run([sys.executable, "-m", "smollm2.quant.kernels"], env={**os.environ, "SMOLLM2_ISA": other},
-                           check=True)
+            done = subprocess.run([sys.executable, "-m", "smollm2.quant.kernels"],
+                                  env={**os.environ, "SMOLLM2_ISA": other})
+            if done.returncode:  # (this process's own build is in place: only SMOLLM2_ISA=other lacks one)
+                print(f"note: the {other} build failed; SMOLLM2_ISA={other} falls back to torch's kernels")
 
 
 if __name__ == "__main__":
