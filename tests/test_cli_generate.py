@@ -7,6 +7,7 @@ int4 (`real_int4`); `--quantize none` gives the exact float model (`real`).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -138,3 +139,29 @@ def test_ctrl_c_stops_a_reply_without_leaving(real) -> None:
         if len(shown) > len(partial):
             break
     assert shown.startswith(partial) and len(shown) > len(partial)
+
+
+@pytest.mark.slow
+def test_generate_json_schema_prints_json_that_validates(real_int4, tmp_path) -> None:
+    pytest.importorskip("llguidance", reason="constrained decoding needs the grammar extra")
+    from smollm2.inference.constraints import Constraint
+
+    model, tokenizer = real_int4
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 20},
+                                               "warm": {"type": "boolean"}},
+              "required": ["colour", "warm"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema), encoding="utf-8")
+    prompt = "A JSON object about the colour of the sun:"
+    expected = "".join(stream_text(model, tokenizer, prompt, max_new_tokens=40,
+                                   constraint=Constraint.json_schema(schema)))
+    result = smollm2("generate", prompt, "--max-new-tokens", "40", "--json-schema", str(tmp_path / "schema.json"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    value = json.loads(result.stdout)
+    assert set(value) == {"colour", "warm"} and isinstance(value["warm"], bool)
+
+    bad = smollm2("generate", prompt, "--json-schema", str(tmp_path / "missing.json"))
+    assert bad.returncode == 2 and bad.stderr.startswith("smollm2 generate: error: cannot read the JSON schema")
+    (tmp_path / "broken.json").write_text("{", encoding="utf-8")
+    bad = smollm2("generate", prompt, "--json-schema", str(tmp_path / "broken.json"))
+    assert bad.returncode == 2 and "the JSON schema is not valid JSON" in bad.stderr

@@ -7,6 +7,7 @@ is imported when a command runs, by `generation_config` and `load_for_inference`
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..defaults import (
@@ -83,6 +84,14 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                        help="random seed: the same seed gives the same text (default: a fresh one)")
     group.add_argument("--stop", action="append", default=None, metavar="TEXT",
                        help="stop when TEXT is generated (not shown); repeat for several")
+    shape = parser.add_argument_group("constrained output (the grammar extra: pip install llguidance)")
+    only = shape.add_mutually_exclusive_group()
+    only.add_argument("--json-schema", type=Path, default=None, metavar="FILE",
+                      help="the output is JSON valid against the JSON schema in FILE")
+    only.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    only.add_argument("--regex", default=None, metavar="PATTERN", help="the output matches PATTERN as a whole")
+    only.add_argument("--choice", action="append", default=None, metavar="TEXT",
+                      help="the output is exactly one of the TEXTs; repeat for each")
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
@@ -92,5 +101,22 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        stop=tuple(args.stop or ()),
+        stop=tuple(args.stop or ()), constraint=_constraint(args),
     )
+
+
+def _constraint(args: argparse.Namespace):  # -> Constraint | None
+    """The constraint of --json-schema / --json-object / --regex / --choice, checked before anything loads."""
+    if args.json_schema is None and not args.json_object and args.regex is None and not args.choice:
+        return None
+    from ..inference.constraints import Constraint
+
+    if args.json_schema is not None:
+        try:
+            text = args.json_schema.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"cannot read the JSON schema {args.json_schema}: {e.strerror}") from None
+        return Constraint.json_schema(text)
+    if args.json_object:
+        return Constraint.json_object()
+    return Constraint.regex(args.regex) if args.regex is not None else Constraint.choice(args.choice)

@@ -11,8 +11,14 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..defaults import MAX_NEW_TOKENS, MIN_P, REPETITION_PENALTY, TEMPERATURE, TOP_K, TOP_P  # (--help shows them)
+
+if TYPE_CHECKING:
+    from .constraints import Constraint
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,8 @@ class GenerationConfig:
     stop: tuple[int | str, ...] = ()  # token ids and strings that end generation (strings need a tokenizer)
     eos_ids: tuple[int, ...] | None = None  # None = the model config's eos_token_id and the tokenizer's eos
     ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks want exactly max_new_tokens)
+    constraint: Constraint | None = None  # the text must match it: a JSON schema, regex, choice (constraints.py)
+    logprobs: int | None = None  # record each new token's log-probability and this many top alternatives (0-20)
 
     def __post_init__(self) -> None:
         # Normalise the forms a caller may reasonably pass: one stop string or id, lists instead of tuples.
@@ -60,6 +68,18 @@ class GenerationConfig:
             check_int("eos_ids entry", item, minimum=0)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if self.constraint is not None:
+            from .constraints import Constraint
+
+            if not isinstance(self.constraint, Constraint):
+                raise ValueError(f"constraint must be a Constraint (smollm2.inference.constraints), got "
+                                 f"{type(self.constraint).__name__}")
+            if self.ignore_eos:
+                raise ValueError("ignore_eos cannot be combined with a constraint: the grammar decides the end")
+        if self.logprobs is not None:
+            check_int("logprobs", self.logprobs, minimum=0, hint=" (the number of top alternatives) or None")
+            if self.logprobs > MAX_TOP_LOGPROBS:
+                raise ValueError(f"logprobs must be at most {MAX_TOP_LOGPROBS} alternatives, got {self.logprobs}")
 
     @property
     def stop_ids(self) -> tuple[int, ...]:

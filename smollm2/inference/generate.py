@@ -30,7 +30,15 @@ import torch
 from ..config import Config
 from ..kv_cache import KVCache
 from .config import GenerationConfig, make_config
-from .stopping import SequenceState, TextDecoder, decode_text, make_generator, next_tokens, stop_prefix_length
+from .stopping import (
+    SequenceState,
+    TextDecoder,
+    TokenLogprob,
+    decode_text,
+    make_generator,
+    next_tokens,
+    stop_prefix_length,
+)
 
 if TYPE_CHECKING:
     from ..model import SmolLM2
@@ -81,13 +89,16 @@ class Stream(Generic[Item]):
     """An iterator over generated items (token ids or text) that records how generation went.
 
     prompt_ids: the prompt's token ids. new_ids: the ids generated so far (stop and EOS tokens excluded).
-    finish_reason: None while running (or if closed early), then "stop" (an EOS token, a stop token or a stop
-    string) or "length" (max_new_tokens reached).
+    finish_reason: None while running (or if closed early), then "stop" (an EOS token, a stop token, a stop
+    string or a constraint complete) or "length" (max_new_tokens reached). logprobs: a TokenLogprob per new id
+    when `logprobs` was asked for.
     """
 
-    def __init__(self, prompt_ids: list[int], new_ids: list[int] | None = None) -> None:
+    def __init__(self, prompt_ids: list[int], new_ids: list[int] | None = None,
+                 logprobs: list[TokenLogprob] | None = None) -> None:
         self.prompt_ids = prompt_ids
         self.new_ids = new_ids if new_ids is not None else []
+        self.logprobs = logprobs if logprobs is not None else []
         self.finish_reason: str | None = None
         self._items: Iterator[Item] = iter(())
 
@@ -268,7 +279,7 @@ def generate(
     """
     config = make_config(config, **options)
     row, pairs = _generate_one(model, prompt_ids, tokenizer, config, step)
-    stream: Stream[int] = Stream(row.prompt_ids, row.new_ids)
+    stream: Stream[int] = Stream(row.prompt_ids, row.new_ids, row.logprobs)
 
     def items() -> Iterator[int]:
         for token, _ in pairs:
@@ -316,7 +327,7 @@ def stream_text(
     config = make_config(config, **options)
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
     row, pairs = _generate_one(model, prompt_ids, tokenizer, config, step)
-    stream: Stream[str] = Stream(row.prompt_ids, row.new_ids)
+    stream: Stream[str] = Stream(row.prompt_ids, row.new_ids, row.logprobs)
 
     def items() -> Iterator[str]:
         for _, text in pairs:

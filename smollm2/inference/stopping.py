@@ -6,15 +6,17 @@
 
 `generate`, `generate_batch`, `stream_text` and `chat` (generate.py) keep one per row of their batch, and the
 batching engine (engine.py) one per request, so end-of-sequence and stop tokens, stop strings, the length
-limit, streamed text and the repetition penalty behave the same everywhere. Stop tokens are not recorded;
-the token that completes a stop string is (it may carry text before the stop string), and the text is cut
-before the stop string, as OpenAI's API does.
+limit, streamed text, the repetition penalty, a constraint's token mask (constraints.py) and recorded
+log-probabilities behave the same everywhere. Stop tokens are not recorded; the token that completes a stop
+string is (it may carry text before the stop string), and the text is cut before the stop string, as OpenAI's
+API does.
 """
 
 from __future__ import annotations
 
 import codecs
 from collections.abc import Generator, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +26,16 @@ from .sampling import apply_repetition_penalty, sample
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
     from .config import GenerationConfig
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (log_softmax of its logits, before any penalty,
+    temperature or constraint) and the `top` most likely tokens there, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -40,8 +52,9 @@ class SequenceState:
     """A sequence being generated: its prompt, new tokens, text decoder, random generator and finish reason.
 
     prompt_ids, new_ids: the prompt and the ids generated so far (stop and end-of-sequence tokens excluded).
-    finish_reason: None while running, then "stop" (a stop or end-of-sequence token, or a stop string) or
-    "length" (max_new_tokens reached).
+    finish_reason: None while running, then "stop" (a stop or end-of-sequence token, a stop string, or a
+    constraint's grammar complete) or "length" (max_new_tokens reached).
+    logprobs: one TokenLogprob per new id when the config asks for them (config.logprobs), else empty.
     """
 
     def __init__(
@@ -64,6 +77,13 @@ class SequenceState:
         if config.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             self.seen[prompt_ids] = True
+        self.mask = None  # a constraint's TokenMask: which tokens may come next
+        if config.constraint is not None:
+            if tokenizer is None:
+                raise ValueError("a constraint needs the tokenizer (its grammar is over text)")
+            self.mask = config.constraint.matcher(tokenizer, vocab_size, self.stop_ids)
+        self.logprobs: list[TokenLogprob] = []
+        self._logprob: TokenLogprob | None = None  # of the token next_token picked, until push records it
 
     @property
     def done(self) -> bool:
@@ -76,29 +96,41 @@ class SequenceState:
 
     @property
     def greedy(self) -> bool:
-        """Whether the next token is the plain argmax of the logits (no penalty, no sampling)."""
-        return self.config.temperature == 0 and self.seen is None
+        """Whether the next token is the plain argmax of the logits (no penalty, mask, sampling or logprobs)."""
+        return self.config.temperature == 0 and self.seen is None and self.mask is None and self.config.logprobs is None
 
     def next_token(self, logits: torch.Tensor) -> int:
         """The next token for this sequence's logits (1, vocab)."""
-        c = self.config
+        c, raw = self.config, logits
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen[None], c.repetition_penalty)
-        token = sample(logits, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, min_p=c.min_p,
-                       generator=self.generator)
-        return int(token[0])
+        if self.mask is not None:
+            logits = self.mask.apply(logits)
+        token = int(sample(logits, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, min_p=c.min_p,
+                           generator=self.generator)[0])
+        if c.logprobs is not None:
+            logprobs = torch.log_softmax(raw[0].float(), dim=-1)  # (vocab,)
+            top = torch.topk(logprobs, c.logprobs) if c.logprobs else None
+            self._logprob = TokenLogprob(token, float(logprobs[token]), tuple(
+                zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ())
+        return token
 
     def push(self, token: int) -> str:
         """Record the next token; return the text that became final (always "" without a tokenizer)."""
         if self.done:
             raise RuntimeError("push() after the sequence finished")
+        logprob, self._logprob = self._logprob, None
         if token in self.stop_ids:  # not recorded, not shown
             return self._finish("stop")
         self.new_ids.append(token)
+        if logprob is not None and logprob.token == token:
+            self.logprobs.append(logprob)
         if self.seen is not None:
             self.seen[token] = True
+        if self.mask is not None:
+            self.mask.consume(token)
         text = self.decoder.push(token) if self.decoder is not None else ""
-        if self.decoder is not None and self.decoder.stopped:
+        if (self.decoder is not None and self.decoder.stopped) or (self.mask is not None and self.mask.complete):
             return text + self._finish("stop")
         if self.remaining == 0:
             return text + self._finish("length")
@@ -110,9 +142,11 @@ class SequenceState:
 
 
 def next_tokens(rows: Sequence[SequenceState], logits: torch.Tensor) -> list[int]:
-    """Each row's next token for logits (len(rows), vocab): one argmax call for all the greedy rows."""
+    """Each row's next token for logits (len(rows), vocab): one argmax call for all the greedy rows. A row that
+    has finished gets token 0 (a batch keeps its place; nothing reads it)."""
     greedy = logits.argmax(dim=-1).tolist() if any(row.greedy for row in rows) else None
-    return [greedy[i] if row.greedy else row.next_token(logits[i : i + 1]) for i, row in enumerate(rows)]
+    return [0 if row.done else greedy[i] if row.greedy else row.next_token(logits[i : i + 1])
+            for i, row in enumerate(rows)]
 
 
 # ---- text ----------------------------------------------------------------------------------------------

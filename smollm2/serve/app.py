@@ -98,7 +98,8 @@ class Generation:
         return protocol.usage_counts(len(self.job.prompt_ids), len(self.job.new_ids))
 
 
-async def reply_whole(request: Request, generation: Generation, *, chat: bool, model_name: str) -> Response:
+async def reply_whole(request: Request, generation: Generation, *, chat: bool, model_name: str,
+                      tokenizer: "Tokenizer") -> Response:
     """The whole reply as one JSON object, once generation is done."""
     base = protocol.response_base(chat, model_name)
     pieces: list[str] = []
@@ -112,13 +113,30 @@ async def reply_whole(request: Request, generation: Generation, *, chat: bool, m
         return Response(status_code=499)  # nobody is listening; the job is cancelled below
     finally:
         generation.cancel()
-    return JSONResponse(protocol.completion_response(base, chat, "".join(pieces), generation.job.finish_reason,
-                                                     generation.usage()))
+    job = generation.job
+    logprobs = protocol.logprobs_content(tokenizer, job.logprobs) if job.config.logprobs is not None else None
+    return JSONResponse(protocol.completion_response(base, chat, "".join(pieces), job.finish_reason,
+                                                     generation.usage(), logprobs))
 
 
-def reply_stream(generation: Generation, *, chat: bool, include_usage: bool, model_name: str) -> Response:
-    """The reply as server-sent events: chunks as text arrives, a finish_reason, usage if asked, [DONE]."""
+def reply_stream(generation: Generation, *, chat: bool, include_usage: bool, model_name: str,
+                 tokenizer: "Tokenizer") -> Response:
+    """The reply as server-sent events: chunks as text arrives, a finish_reason, usage if asked, [DONE].
+
+    With logprobs, each chunk carries those of the tokens recorded since the previous chunk (the engine may be a
+    token or two ahead of the text it has sent: the last chunk carries the rest), so the stream's logprobs are
+    the whole reply's, in order."""
     base = protocol.response_base(chat, model_name)
+    sent = 0
+
+    def new_logprobs() -> list[dict[str, Any]] | None:
+        nonlocal sent
+        job = generation.job
+        if job.config.logprobs is None:
+            return None
+        records = job.logprobs[sent:]
+        sent += len(records)
+        return protocol.logprobs_content(tokenizer, records)
 
     async def events() -> AsyncIterator[str]:
         # Starlette cancels this generator when the client disconnects; `finally` then frees the slot.
@@ -127,9 +145,9 @@ def reply_stream(generation: Generation, *, chat: bool, include_usage: bool, mod
                 yield protocol.sse(protocol.chunk(base, chat, None, None, role=True))
             async for kind, value in generation.events():
                 if kind == "text":
-                    yield protocol.sse(protocol.chunk(base, chat, str(value), None))
+                    yield protocol.sse(protocol.chunk(base, chat, str(value), None, logprobs=new_logprobs()))
                 elif kind == "done":
-                    yield protocol.sse(protocol.chunk(base, chat, None, str(value)))
+                    yield protocol.sse(protocol.chunk(base, chat, None, str(value), logprobs=new_logprobs()))
                 else:
                     yield protocol.sse(protocol.server_error(str(value)).body())
             if include_usage:
@@ -236,9 +254,15 @@ class Routes:
                                                  add_generation_prompt=True, tokenize=True)
         except ValueError as e:
             raise invalid(str(e), "messages") from None
+        constraint, logprobs = protocol.response_format(fields), protocol.chat_logprobs(fields)
+        if constraint is not None:  # llguidance's view of the vocabulary: seconds, once, off the event loop
+            from ..inference.constraints import grammar_tokenizer
+
+            await asyncio.to_thread(grammar_tokenizer, self.tokenizer, self.vocab_size)
         config = protocol.generation_config(fields, len(prompt_ids), self.engine.context_length,
                                             prompt_param="messages", stop_ids=self.end_of_turn,
-                                            default_max_tokens=GenerationConfig().max_new_tokens)
+                                            default_max_tokens=GenerationConfig().max_new_tokens,
+                                            constraint=constraint, logprobs=logprobs)
         return await self.reply(request, fields, prompt_ids, config, chat=True)
 
     async def completions(self, request: Request) -> Response:
@@ -253,8 +277,9 @@ class Routes:
         stream, include_usage = fields.stream()
         generation = Generation(self.engine, prompt_ids, config)
         if stream:
-            return reply_stream(generation, chat=chat, include_usage=include_usage, model_name=self.name)
-        return await reply_whole(request, generation, chat=chat, model_name=self.name)
+            return reply_stream(generation, chat=chat, include_usage=include_usage, model_name=self.name,
+                                tokenizer=self.tokenizer)
+        return await reply_whole(request, generation, chat=chat, model_name=self.name, tokenizer=self.tokenizer)
 
     async def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.name, **self.engine.stats()}

@@ -28,11 +28,13 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 
 _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
                   "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}
-CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
-# Accepted only at the value that means "off": the engine has no penalties, logprobs or echo.
+# Accepted only at the value that means "off": the engine has no such penalties, and completions no logprobs or
+# echo (chat completions have logprobs: CHAT_OPTIONS).
 _NO_OP_VALUES = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "logprobs": (False, 0),
                  "top_logprobs": (0,), "echo": (False,), "suffix": ("",), "best_of": (1,)}
+CHAT_OPTIONS = {"logprobs", "top_logprobs"}  # checked by chat_logprobs instead
 _ROUTE_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
@@ -162,11 +164,13 @@ def json_type(value: object) -> str:
 class Fields:
     """A request's JSON object, read one field at a time; each bad field is a 400 that names it."""
 
-    def __init__(self, body: dict[str, Any], known: set[str]) -> None:
+    def __init__(self, body: dict[str, Any], known: set[str], supported: set[str] = frozenset()) -> None:
         unknown = sorted(set(body) - known)
         if unknown:
             raise invalid(f"Unrecognized request argument supplied: {show(unknown[0])}", unknown[0][:100])
         for name, allowed in _NO_OP_VALUES.items():
+            if name in supported:
+                continue
             value = body.get(name)
             if value is not None and not any(_same(value, a) for a in allowed):
                 raise invalid(f"'{name}' is not supported by this server (only {allowed[0]!r} or null), "
@@ -238,7 +242,7 @@ def check_model(fields: Fields, served: str) -> None:
 
 def read_chat_request(body: dict[str, Any], served: str) -> tuple[Fields, list[dict[str, str]]]:
     """A /v1/chat/completions body -> (its fields, the messages for the chat template)."""
-    fields = Fields(body, CHAT_FIELDS)
+    fields = Fields(body, CHAT_FIELDS, CHAT_OPTIONS)
     check_model(fields, served)
     if "messages" not in fields.body:
         raise invalid("Missing required parameter: 'messages'.", "messages")
@@ -305,8 +309,79 @@ def parse_prompt(value: object, tokenizer: Tokenizer, vocab_size: int) -> list[i
                   "non-empty array of token ids (this server does not batch several prompts).", "prompt")
 
 
+def response_format(fields: Fields):  # -> Constraint | None
+    """OpenAI's response_format: {"type": "text"} (no constraint), {"type": "json_object"}, or
+    {"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}: the reply's tokens are
+    then constrained to JSON (valid against the schema), whatever `strict` says."""
+    value = fields.get("response_format", (dict,), "an object")
+    if value is None:
+        return None
+    kind = value.get("type")
+    allowed = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+    if kind not in allowed:
+        raise invalid(f"Invalid value for 'response_format.type': {show(kind)} (supported: text, json_object, "
+                      "json_schema).", "response_format.type")
+    unknown = sorted(set(value) - allowed[kind])
+    if unknown:
+        raise invalid(f"Unrecognized argument in 'response_format': {show(unknown[0])}",
+                      f"response_format.{str(unknown[0])[:100]}")
+    if kind == "text":
+        return None
+    try:
+        from ..inference.constraints import Constraint
+
+        if kind == "json_object":
+            return Constraint.json_object()
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise invalid("Missing required parameter: 'response_format.json_schema' (an object with 'name' and "
+                          "'schema').", "response_format.json_schema")
+        unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
+        if unknown:
+            raise invalid(f"Unrecognized argument in 'response_format.json_schema': {show(unknown[0])}",
+                          f"response_format.json_schema.{str(unknown[0])[:100]}")
+        name = spec.get("name")
+        if not isinstance(name, str) or not name or len(name) > 64:
+            raise invalid("Invalid value for 'response_format.json_schema.name': a string of 1 to 64 characters "
+                          "is required.", "response_format.json_schema.name")
+        if "strict" in spec and not isinstance(spec["strict"], bool) and spec["strict"] is not None:
+            raise invalid("Invalid type for 'response_format.json_schema.strict': expected a boolean.",
+                          "response_format.json_schema.strict")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, dict):
+            raise invalid(f"Invalid type for 'response_format.json_schema.schema': expected an object, but got "
+                          f"{json_type(schema)}.", "response_format.json_schema.schema")
+        return Constraint.json_schema(schema)
+    except ImportError as e:
+        raise APIError(501, f"This server cannot constrain its output: {e}", type="server_error",
+                       param="response_format") from None
+    except ValueError as e:
+        raise invalid(f"Invalid 'response_format': {e}", "response_format") from None
+
+
+def chat_logprobs(fields: Fields) -> int | None:
+    """logprobs (a boolean) and top_logprobs (0-20, only with logprobs) of a chat request: None when off."""
+    on = fields.get("logprobs", (bool,), "a boolean")
+    top = fields.integer("top_logprobs", 0, 20)
+    if top is not None and not on:
+        raise invalid("'top_logprobs' needs 'logprobs' to be true.", "top_logprobs")
+    return (top or 0) if on else None
+
+
+def logprobs_content(tokenizer: Tokenizer, records: list) -> list[dict[str, Any]]:
+    """OpenAI's choice.logprobs.content for recorded TokenLogprobs: each token's text, UTF-8 bytes, log-prob and
+    its top alternatives."""
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        raw = tokenizer.decode_bytes([token])
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return [{**entry(r.token, r.logprob), "top_logprobs": [entry(t, lp) for t, lp in r.top]} for r in records]
+
+
 def generation_config(fields: Fields, prompt_tokens: int, context: int, *, default_max_tokens: int,
-                      prompt_param: str, stop_ids: tuple[int, ...] = ()) -> GenerationConfig:
+                      prompt_param: str, stop_ids: tuple[int, ...] = (), constraint=None,
+                      logprobs: int | None = None) -> GenerationConfig:
     """The request's sampling options, after checking them and the prompt's length against the context."""
     max_tokens = fields.integer("max_tokens", 1)
     if "max_completion_tokens" in fields.body:  # the chat API's newer name for the same thing
@@ -333,6 +408,8 @@ def generation_config(fields: Fields, prompt_tokens: int, context: int, *, defau
             top_p=fields.number("top_p", 1.0, 0.0, 1.0, low_open=True),
             seed=fields.integer("seed", 0, 2**63 - 1),
             stop=(*fields.stop(), *stop_ids),
+            constraint=constraint,
+            logprobs=logprobs,
         )
     except ValueError as e:  # the checks above should catch everything first; never a 500 if they don't
         raise invalid(str(e)) from None
@@ -367,10 +444,11 @@ def usage_counts(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def completion_response(base: dict[str, Any], chat: bool, text: str, finish_reason: str | None,
-                        usage: dict[str, int]) -> dict[str, Any]:
+                        usage: dict[str, int], logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A whole (non-streamed) reply: a chat.completion with a message, or a text_completion with text."""
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": {"content": logprobs, "refusal": None} if logprobs is not None else None,
                   "finish_reason": finish_reason}
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
@@ -379,13 +457,15 @@ def completion_response(base: dict[str, Any], chat: bool, text: str, finish_reas
 
 
 def chunk(base: dict[str, Any], chat: bool, text: str | None, finish_reason: str | None,
-          role: bool = False) -> dict[str, Any]:
+          role: bool = False, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One streamed piece: chat chunks carry a delta (the first one the role), completion chunks the text."""
     if chat:
         delta: dict[str, str] = {"role": "assistant", "content": ""} if role else {}
         if text:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "delta": delta,
+                  "logprobs": {"content": logprobs, "refusal": None} if logprobs else None,
+                  "finish_reason": finish_reason}
         return {**base, "object": "chat.completion.chunk", "choices": [choice]}
     choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
     return {**base, "object": "text_completion", "choices": [choice]}
