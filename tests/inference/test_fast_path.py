@@ -5,8 +5,9 @@ The compiled step runs the model's own forward with our decode kernels, so its l
 to float rounding only. In fp32 that rounding never changes a token here. In int4 the logits carry ~2%
 rounding noise (bf16 activations, int8-quantised inputs to every matmul) and the eager model itself has
 near-ties: "Gravity is the force that" reaches one whose top two logits are 0.08 apart at token 18, and
-the compiled step takes the other one. So in int4 every token the compiled step picks must be the eager
-model's choice or within TIE of it, judged by the eager model on the compiled step's own tokens."""
+the compiled step takes the other one. So in int4 every token the compiled step picks, alone or in a batch,
+must be the eager model's choice or within TIE of it, judged by the eager model on the compiled step's own
+tokens."""
 
 from __future__ import annotations
 
@@ -64,7 +65,10 @@ def test_compiled_step_gives_the_eager_greedy_tokens(mode: str) -> None:
         if mode == "none":
             assert tokens == reference, name
             continue
-        assert tokens == fast["generate"], name  # the compiled step in a batch picks what it picks alone
+        # In a batch a row is left-padded (generate_batch) or sits at other cache columns (the engine), so the
+        # one-token attention kernel sums its keys in other chunks than alone: int4's logits then differ by
+        # rounding, and a near-tie may go the other way (the AVX2 build does at token 15 of one prompt). So
+        # every path, alone or batched, is judged as the compiled step alone is: against the eager model.
         for prompt, new in zip(prompts, tokens, strict=True):
             with torch.no_grad():  # the eager model's logits at each of the compiled step's choices
                 logits = eager_model(torch.tensor([prompt + new]))[0, len(prompt) - 1 : -1].float()
