@@ -24,6 +24,7 @@ pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect  # waits by polling from Python: the page's CSP forbids the eval wait_for_function uses
 
+from smollm2.inference.config import GenerationConfig  # noqa: E402
 from smollm2.serve import create_app  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -124,10 +125,12 @@ INJECTION = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>
 
 @dataclass
 class StubJob:
-    """What the server reads of an engine.Job: the prompt, the new ids and the finish reason."""
+    """What the server reads of an engine.Job: the prompt, its config, the new ids, logprobs, finish reason."""
 
     prompt_ids: list[int]
+    config: GenerationConfig = field(default_factory=GenerationConfig)
     new_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
 
 
@@ -146,7 +149,7 @@ class StubEngine:
         return {}
 
     def submit(self, prompt_ids, config, on_event) -> StubJob:
-        job = StubJob(list(prompt_ids))
+        job = StubJob(list(prompt_ids), config)
 
         def reply() -> None:
             for piece in (INJECTION[:20], INJECTION[20:]):
