@@ -33,9 +33,9 @@ def real_url(real):
 
 
 class City(pydantic.BaseModel):
-    name: str
-    country: str
-    population: int
+    name: str = pydantic.Field(max_length=40)  # bounded: the 135M model can run on inside a free string
+    country: str = pydantic.Field(max_length=40)
+    population: int = pydantic.Field(ge=0, le=100_000_000)
 
 
 @pytest.mark.slow
@@ -43,7 +43,7 @@ def test_the_openai_clients_parse_returns_a_parsed_object(real_url):
     api = client(real_url)
     for city in ("Paris", "Tokyo", "Nairobi"):
         completion = api.chat.completions.parse(
-            model="smollm2-test", response_format=City, temperature=0, max_tokens=80,
+            model="smollm2-test", response_format=City, temperature=0, max_tokens=200,
             messages=[{"role": "user", "content": f"Give the name, country and population of {city} as JSON."}])
         parsed = completion.choices[0].message.parsed
         assert isinstance(parsed, City), completion.choices[0].message.content
@@ -73,7 +73,9 @@ def test_chat_logprobs_are_the_models_log_softmax(real, real_url):
     stream = client(real_url).chat.completions.create(model="smollm2-test", messages=messages, temperature=0,
                                                       max_tokens=12, logprobs=True, top_logprobs=3, stream=True)
     streamed = [t for chunk in stream for c in chunk.choices if c.logprobs for t in c.logprobs.content]
-    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    # the same tokens; log-probabilities to rounding (this prompt now hits the prefix cache: a shorter prefill)
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(streamed, content, strict=True))
 
 
 @pytest.fixture(scope="module")
