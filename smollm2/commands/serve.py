@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..defaults import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
+from ..defaults import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFIX_CACHE_MB
 from .options import add_source_argument, add_speed_options, load_for_inference
 
 
@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests generated together, as one batch (default: %(default)s)")
     parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
                         help="requests that may wait for a free slot; more get 429 (default: %(default)s)")
+    parser.add_argument("--prefix-cache-mb", type=int, default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
+                        help="memory for the keys/values of prompt beginnings already prefilled, reused by later "
+                             "requests that begin the same way (a chat's next turn, a shared system prompt); "
+                             "usage.prompt_tokens_details.cached_tokens counts them; 0 = off (default: %(default)s)")
     parser.add_argument("--context-length", type=int, default=None, metavar="TOKENS",
                         help="longest prompt + completion accepted (default: the model's)")
     parser.add_argument("--allowed-hosts", action="append", default=[], metavar="NAME[,NAME...]",
@@ -52,12 +56,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ValueError(f"--api-key: {e}") from None
     allowed_hosts = [name.strip() for value in args.allowed_hosts for name in value.split(",") if name.strip()]
-    for flag, value, minimum in (("--max-concurrency", args.max_concurrency, 1), ("--max-queue", args.max_queue, 0)):
+    for flag, value, minimum in (("--max-concurrency", args.max_concurrency, 1), ("--max-queue", args.max_queue, 0),
+                                 ("--prefix-cache-mb", args.prefix_cache_mb, 0)):
         if value < minimum:
             raise ValueError(f"{flag} must be at least {minimum}, got {value}")
     model, tokenizer = load_for_inference(args)
     app = create_app(model, tokenizer, api_key=args.api_key, max_concurrency=args.max_concurrency,
-                     max_queue=args.max_queue, model_name=args.model_name, context_length=args.context_length)
+                     max_queue=args.max_queue, model_name=args.model_name, context_length=args.context_length,
+                     prefix_cache_mb=args.prefix_cache_mb)
     print(f"smollm2 serve: http://{args.host}:{args.port}/ (chat page), http://{args.host}:{args.port}/v1 (API)",
           flush=True)
     run_server(app, args.host, args.port, allowed_hosts=allowed_hosts)

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ..inference.config import GenerationConfig
-from ..inference.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Engine, Job, QueueFull
+from ..inference.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFIX_CACHE_MB, Engine, Job, QueueFull
 from ..inference.generate import StepFn
 from . import page, protocol
 from .protocol import APIError, invalid
@@ -94,8 +94,8 @@ class Generation:
     def cancel(self) -> None:
         self.engine.cancel(self.job)
 
-    def usage(self) -> dict[str, int]:
-        return protocol.usage_counts(len(self.job.prompt_ids), len(self.job.new_ids))
+    def usage(self) -> dict[str, Any]:
+        return protocol.usage_counts(len(self.job.prompt_ids), len(self.job.new_ids), self.job.cached_tokens)
 
 
 async def reply_whole(request: Request, generation: Generation, *, chat: bool, model_name: str,
@@ -331,18 +331,21 @@ def create_app(
     step: StepFn | None = None,
     allowed_hosts: Collection[str] | None = None,
     body_timeout: float = BODY_TIMEOUT,
+    prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
 ) -> FastAPI:
     """The FastAPI app. The engine (built here unless given) starts and stops with the app's lifespan.
     step: the engine's decode step; None = the model's compiled one where `load(compile=True)` made it, else
     `generate.decode_step`.
 
     max_concurrency requests are generated together and max_queue more may wait; beyond that, 429.
+    prefix_cache_mb: memory for the keys/values of prompt beginnings already prefilled (0 = off): a
+    conversation's next turn, or requests sharing a system prompt, prefill only what is new.
     allowed_hosts: the Host header names answered (others get 403, against DNS rebinding); None = any, until
     run_server sets them from the address it binds (allowed_hosts_for).
     """
     check_api_key_value(api_key)
     engine = engine or Engine(model, tokenizer, max_batch=max_concurrency, max_queue=max_queue,
-                              context_length=context_length, step=step)
+                              context_length=context_length, step=step, prefix_cache_mb=prefix_cache_mb)
     routes = Routes(engine, tokenizer, name=model_name or protocol.default_model_name(model),
                     vocab_size=model.config.vocab_size, api_key=api_key)
 

@@ -438,13 +438,16 @@ def response_base(chat: bool, model_name: str) -> dict[str, Any]:
             "model": model_name}
 
 
-def usage_counts(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage_counts(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; cached_tokens: the prompt tokens whose keys/values came from the prefix cache
+    (prefilled for an earlier request that began the same way), as OpenAI reports its own prompt caching."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def completion_response(base: dict[str, Any], chat: bool, text: str, finish_reason: str | None,
-                        usage: dict[str, int], logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                        usage: dict[str, Any], logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A whole (non-streamed) reply: a chat.completion with a message, or a text_completion with text."""
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
@@ -471,7 +474,7 @@ def chunk(base: dict[str, Any], chat: bool, text: str | None, finish_reason: str
     return {**base, "object": "text_completion", "choices": [choice]}
 
 
-def usage_chunk(base: dict[str, Any], chat: bool, usage: dict[str, int]) -> dict[str, Any]:
+def usage_chunk(base: dict[str, Any], chat: bool, usage: dict[str, Any]) -> dict[str, Any]:
     """The stream's last chunk with `stream_options.include_usage`: no choices, the token counts."""
     return {**base, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [],
             "usage": usage}

@@ -402,6 +402,42 @@ def test_no_500_on_random_bodies(tiny_url):
             assert_error(response, response.status_code)
 
 
+@pytest.mark.parametrize("prefix_cache_mb", [16, 0])
+def test_usage_counts_the_prompt_tokens_the_prefix_cache_gave(tiny, prefix_cache_mb):
+    """A conversation's next turn begins with the previous turn's prompt: with the prefix cache its keys/values
+    are reused (whole 32-token blocks, the last prompt token always recomputed), and usage says how many, as
+    OpenAI's prompt caching does; without it, none. The reply is the same either way."""
+    model, tokenizer = tiny
+    system = {"role": "system", "content": "You answer in one word. " * 12}
+    first = [system, {"role": "user", "content": "Name a colour."}]
+    with live_server(create_app(model, tokenizer, model_name="tiny", prefix_cache_mb=prefix_cache_mb)) as url:
+        api = client(url)
+        replies = [api.chat.completions.create(model="tiny", messages=first, max_tokens=3, temperature=0)
+                   for _ in range(2)]
+        second = [*first, {"role": "assistant", "content": "Red."}, {"role": "user", "content": "Another?"}]
+        streamed = list(api.chat.completions.create(model="tiny", messages=second, max_tokens=3, temperature=0,
+                                                    stream=True, stream_options={"include_usage": True}))
+    prompt_tokens = replies[0].usage.prompt_tokens
+    assert prompt_tokens > 64
+    cached = [r.usage.prompt_tokens_details.cached_tokens for r in replies]
+    streamed_cached = streamed[-1].usage.prompt_tokens_details.cached_tokens
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+    if prefix_cache_mb:
+        assert cached[0] == 0  # nothing was cached before the first request
+        assert cached[1] == (prompt_tokens - 1) // 32 * 32  # every whole block but the last token's
+        assert cached[1] <= streamed_cached < streamed[-1].usage.prompt_tokens  # the next turn reuses the first
+    else:
+        assert cached == [0, 0] and streamed_cached == 0
+
+
+def test_serve_rejects_a_negative_prefix_cache(capsys):
+    from smollm2.cli import build_parser, main
+
+    assert build_parser().parse_args(["serve", "--prefix-cache-mb", "0"]).prefix_cache_mb == 0
+    assert main(["serve", "--prefix-cache-mb", "-1"]) == 2  # before any model loads
+    assert "--prefix-cache-mb must be at least 0, got -1" in capsys.readouterr().err
+
+
 def test_api_key(tiny):
     with live_server(create_app(*tiny, model_name="tiny", api_key="sesame")) as url:
         assert_error(httpx.get(f"{url}/v1/models", timeout=30), 401, code="invalid_api_key")

@@ -125,13 +125,15 @@ INJECTION = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>
 
 @dataclass
 class StubJob:
-    """What the server reads of an engine.Job: the prompt, its config, the new ids, logprobs, finish reason."""
+    """What the server reads of an engine.Job: the prompt, its config, the new ids, logprobs, finish reason, and
+    how many prompt tokens the prefix cache gave."""
 
     prompt_ids: list[int]
     config: GenerationConfig = field(default_factory=GenerationConfig)
     new_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
+    cached_tokens: int = 0
 
 
 class StubEngine:

@@ -286,7 +286,9 @@ def test_response_shapes():
     assert protocol.response_base(chat=False, model_name="tiny")["id"].startswith("cmpl-")
     assert protocol.response_base(chat=True, model_name="tiny")["id"] != base["id"]
     usage = protocol.usage_counts(5, 3)
-    assert usage == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert usage == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                     "prompt_tokens_details": {"cached_tokens": 0}}
+    assert protocol.usage_counts(70, 3, 64)["prompt_tokens_details"] == {"cached_tokens": 64}
 
     whole = protocol.completion_response(base, True, "hi", "stop", usage)
     assert whole["object"] == "chat.completion" and whole["usage"] == usage

@@ -41,7 +41,11 @@ def launch(argv: list[str], log: Path) -> int:
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
-            sys.stdout.reconfigure(line_buffering=True)  # the parent watches the step lines as they come
+            # New streams on fds 1 and 2: under pytest's capture sys.stdout is its own file, which the fork
+            # inherits, so the step lines would never reach the log the parent watches. Line-buffered: the parent
+            # watches them as they come.
+            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
             torch.set_num_threads(1)
             _instrument()
             rc = main(argv)
