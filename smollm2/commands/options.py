@@ -120,3 +120,28 @@ def _constraint(args: argparse.Namespace):  # -> Constraint | None
     if args.json_object:
         return Constraint.json_object()
     return Constraint.regex(args.regex) if args.regex is not None else Constraint.choice(args.choice)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of a config dataclass (--batch-size for batch_size), its help and default from the
+    field's knob(). Flags not given are absent from args (SUPPRESS), so a resumed run keeps its own settings."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        options = {k: v for k, v in field.metadata.items() if k != "help"}
+        help_text = field.metadata["help"] + ("" if default in ("", None) else f" (default: {default!r})")
+        common = {"default": argparse.SUPPRESS, "help": help_text.replace("%", "%%"), **options}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif kind == list[str]:
+            parser.add_argument(flag.removesuffix("s"), dest=field.name, action="append", **common)
+        else:
+            scalar = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+            parser.add_argument(flag, type=scalar, **common)

@@ -174,7 +174,7 @@ def stop_on_signals(flag: threading.Event) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def plot_losses(path: Path, history: list[dict[str, Any]]) -> bool:
+def plot_losses(path: Path, history: list[dict[str, Any]], ylabel: str = "cross-entropy (nats per token)") -> bool:
     """Train and validation loss against step as a PNG (replaced atomically). False when matplotlib is missing."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -191,7 +191,7 @@ def plot_losses(path: Path, history: list[dict[str, Any]]) -> bool:
     if val:
         ax.plot(*zip(*val, strict=True), "o-", ms=3, label="validation")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats per token)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -468,6 +468,21 @@ class Trainer:
 
     # ---- evaluation and samples --------------------------------------------------------------------------------
 
+    def validate(self, step: int) -> None:
+        """The validation loss at `step`, recorded, printed and plotted (a DPO run reports its own metrics)."""
+        val = self.evaluate()
+        if val is not None:
+            self.record({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 700.0))})
+            self.echo(f"step {step}: val loss {val:.4f} | val ppl {math.exp(min(val, 700.0)):.2f}")
+            self.plot()
+
+    def before_steps(self) -> None:
+        """Runs once, after the header and before the first step (a DPO run validates the starting model)."""
+
+    def step_line_extra(self, metrics: dict[str, float]) -> str:
+        """More of a step's metrics for its log line, each as " | name value" (none here)."""
+        return ""
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean cross-entropy over the fixed validation windows (None without validation data)."""
@@ -591,6 +606,7 @@ class Trainer:
         config = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.echo(self.header())
+        self.before_steps()
         bar = tqdm(total=self.end_step, initial=self.start_step, unit="step", dynamic_ncols=True,
                    disable=not (progress and self.ctx.is_main and sys.stderr.isatty()))
         rows: list[dict[str, Any]] = []
@@ -616,17 +632,14 @@ class Trainer:
                     if done % config.log_every == 0 or done == self.end_step:
                         self.echo(f"step {done}/{self.end_step} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} "
                                   f"| grad norm {metrics['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s "
-                                  f"| peak mem {row['peak_memory_gb']:.2f} GB | ETA {_format_duration(eta)}")
+                                  f"| peak mem {row['peak_memory_gb']:.2f} GB | ETA {_format_duration(eta)}"
+                                  f"{self.step_line_extra(metrics)}")
                     stop = self._stop_requested()
                     if stop:
                         self.echo(f"step {done}: stopping on a signal")
                     last = done == self.end_step or stop
                     if not stop and config.eval_every and (done % config.eval_every == 0 or last):
-                        val = self.evaluate()
-                        if val is not None:
-                            self.record({"step": done, "val_loss": val, "val_ppl": math.exp(min(val, 700.0))})
-                            self.echo(f"step {done}: val loss {val:.4f} | val ppl {math.exp(min(val, 700.0)):.2f}")
-                            self.plot()
+                        self.validate(done)
                     if not stop and config.sample_every and (done % config.sample_every == 0 or last):
                         self.samples(done)
                     if last or (config.save_every and done % config.save_every == 0):

@@ -29,6 +29,7 @@ import torch
 from ..inference.generate import decode_step, generate
 from ..lora import apply_lora, lora_layers, merged_state_dict, save_adapter
 from ..model import SmolLM2
+from ..tokenizer import Tokenizer
 from . import dist
 from .chat_data import IGNORE, ChatData, ExampleSampler, collate, end_of_turn_id, load_chats
 from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, restore_rng
@@ -83,7 +84,7 @@ class SFTTrainer(Trainer):
         checkpoint = None
         if resume:
             checkpoint = load_checkpoint(self.run_dir)
-            saved = SFTConfig.from_checkpoint(checkpoint.train_config.to_dict(), checkpoint.trainer,
+            saved = type(config).from_checkpoint(checkpoint.train_config.to_dict(), checkpoint.trainer,
                                               str(checkpoint.path / "trainer.json"))
             check_sft_resume(config, saved, checkpoint, ctx.world_size)
         else:
@@ -105,12 +106,13 @@ class SFTTrainer(Trainer):
                 raise ValueError(f"cannot resume from {checkpoint.path}: the base model at --source "
                                  f"{config.source or '(the bundled model)'} is not the one the adapter was trained on")
 
-        self.data: ChatData = load_chats(config.data, tokenizer, config.max_len, config.val_fraction, config.seed)
-        top = max(max(e.ids) for e in self.data.train + self.data.val)
+        self.data = self.read_data(config, tokenizer)
+        sequences = self.sequences()
+        top = max(max(e.ids) for e in sequences)
         if top >= self.model_config.vocab_size:
             raise ValueError(f"--data {config.data}: token id {top} is outside the model's vocabulary of "
                              f"{self.model_config.vocab_size}")
-        longest = max(len(e.ids) for e in self.data.train + self.data.val)
+        longest = max(len(e.ids) for e in sequences)
         if longest - 1 > self.model_config.max_position_embeddings:
             raise ValueError(f"--max-len {config.max_len}: a conversation of {longest} tokens exceeds the model's "
                              f"context length {self.model_config.max_position_embeddings}")
@@ -142,7 +144,7 @@ class SFTTrainer(Trainer):
         if config.compile:
             for i, block in enumerate(model.model.layers):  # as Trainer._build_model does
                 model.model.layers[i] = torch.compile(block)
-        self.core = SFTLossModel(model, torch.bfloat16 if self.bf16 else torch.float32).to(self.device)
+        self.core = self.loss_model(model, torch.bfloat16 if self.bf16 else torch.float32).to(self.device)
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -160,6 +162,18 @@ class SFTTrainer(Trainer):
         self.stop = threading.Event()
         self.plotting = True
         self._step_examples: list[Any] = []
+
+    # ---- what a DPO trainer (dpo_trainer.py) replaces ----------------------------------------------------------
+
+    def read_data(self, config: SFTConfig, tokenizer: Tokenizer) -> ChatData:
+        return load_chats(config.data, tokenizer, config.max_len, config.val_fraction, config.seed)
+
+    def sequences(self) -> list[Any]:
+        """Every rendered sequence of the data (Examples), training and validation: checked against the model."""
+        return self.data.train + self.data.val
+
+    def loss_model(self, model: SmolLM2, compute_dtype: torch.dtype) -> LossModel:
+        return SFTLossModel(model, compute_dtype)
 
     # ---- resuming ----------------------------------------------------------------------------------------------
 
