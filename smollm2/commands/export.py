@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hf: a run directory (its newest complete checkpoint) or one checkpoint directory; "
                              "gguf: also a .gguf file, an original-layout directory or a hub id (default: the "
                              "bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--out", required=True, metavar="DIR | FILE.gguf",
-                        help="hf: the directory to write; gguf: the file to write")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="hf: the directory to write; gguf: the file to write (FILE.gguf)")
     parser.add_argument("--format", choices=_FORMATS, default="hf",
                         help="hf: safetensors in the original's layout (transformers); gguf: one file for "
                              "llama.cpp and Ollama (default: %(default)s)")

@@ -22,10 +22,11 @@ import pytest
 import torch
 
 import smollm2
+from conftest import ORIGINAL_TOKENIZER, require
 from smollm2.config import Config
 from smollm2.gguf import read_gguf
 from smollm2.model import SmolLM2
-from smollm2.quant.gguf_export import general_fields, tensor_type, write_gguf
+from smollm2.quant.gguf_export import general_fields, tensor_type, tokenizer_fields, write_gguf
 from smollm2.tokenizer import Tokenizer, _byte_decoder
 from smollm2.weights import build_model
 
@@ -34,7 +35,7 @@ TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] 
 
 
 def _weights(model: SmolLM2) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model.state_dict()  # detached views of the parameters, which nothing here changes
 
 
 def _logits(model: SmolLM2, ids: list[int]) -> torch.Tensor:
@@ -172,6 +173,18 @@ def test_transformers_reads_the_f16_export_to_our_logits(real, exports, f16_logi
 def test_q4_1_export_loads_to_the_logits_of_the_original_file(real, exports) -> None:
     loaded, _ = smollm2.load(exports["q4_1"])
     torch.testing.assert_close(_logits(loaded, PROMPT), _logits(real[0], PROMPT), rtol=0, atol=0)
+
+
+def test_the_original_tokenizer_json_gives_the_bundled_files_vocabulary(bundled_reader) -> None:
+    """SmolLM2's own tokenizer.json (the base model's: its specials are all <|endoftext|>, no chat template), as an
+    original-layout source gives it: the tokens, token types, merges and pre-tokenizer of the bundled file."""
+    fields = tokenizer_fields(Tokenizer.from_dir(require(ORIGINAL_TOKENIZER).parent), 49152)
+    for key in ("pre", "tokens", "token_type", "merges"):
+        assert fields[key] == bundled_reader.fields[f"tokenizer.ggml.{key}"].contents(), key
+    assert fields["token_type"].count(3) == 17  # the added tokens, all special: control
+    ids = {k: fields[k] for k in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")}
+    assert ids == dict.fromkeys(ids, 0)  # its tokenizer_config.json: bos = eos = unk = <|endoftext|>, pad unset
+    assert fields["chat_template"] is None
 
 
 # ---- a tiny random model --------------------------------------------------------------------------------------
