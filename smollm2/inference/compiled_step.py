@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -140,7 +141,7 @@ class DecodeStep:
         self.bucket = bucket
         self.compiled = compile
         self.compile_seconds: float | None = None
-        self._marked_cache: int | None = None
+        self._marked_cache: weakref.ref[KVCache] | None = None  # the cache whose tensors are marked dynamic
         param = next(model.parameters())
         # oneDNN's bf16 matmul is ~2x slower than ATen's own at one row (M=1) on CPUs without AMX: turn it off
         # around decode steps only (prefill's large matmuls want it).
@@ -190,13 +191,20 @@ class DecodeStep:
         if self.compiled:
             # One graph for every bucket and every cache: L is "unbacked" (the compiler may not specialise on
             # it, e.g. on L == cache length, which would make the sliced cache contiguous) and the cache length
-            # is dynamic.
+            # is dynamic. A batch of one row has its own graph; every larger batch shares a second one, its
+            # size marked dynamic here rather than left to the compiler's guess after a recompile (which
+            # depends on the sizes seen before: CI once compiled a third graph).
             torch._dynamo.decorators.mark_unbacked(mask, 1)
-            if self._marked_cache != id(cache):
+            if B > 1:
+                for tensor in (token_ids, positions, mask):
+                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            if self._marked_cache is None or self._marked_cache() is not cache:  # a weakref: ids are reused
                 for layer in cache.layers:
-                    torch._dynamo.maybe_mark_dynamic(layer.k, 2)
-                    torch._dynamo.maybe_mark_dynamic(layer.v, 2)
-                self._marked_cache = id(cache)
+                    for tensor in (layer.k, layer.v):
+                        torch._dynamo.maybe_mark_dynamic(tensor, 2)
+                        if B > 1:
+                            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+                self._marked_cache = weakref.ref(cache)
         caches = [(layer.k, layer.v) for layer in cache.layers]
         t0 = time.perf_counter()
         with _mkldnn_disabled() if self._low_precision else contextlib.nullcontext():

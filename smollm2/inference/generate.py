@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 Item = TypeVar("Item")
 __all__ = ["GenerationConfig", "Stream", "StepFn", "TextDecoder", "chat", "decode_step", "decode_text", "generate",
-           "generate_batch", "make_generator", "prefill", "stop_prefix_length", "stream_text"]
+           "generate_batch", "make_generator", "prefill", "prompt_logprobs", "stop_prefix_length", "stream_text"]
 
 
 def check_prompts(
@@ -161,6 +161,32 @@ def decode_step(
     """The eager decode step (a StepFn): the model's forward for one token per row, exactly as loaded."""
     return model(token_ids, cache=cache, start=start, positions=positions, attention_mask=attention_mask,
                  output="last_logits")
+
+
+PROMPT_LOGPROBS_CHUNK = 256  # positions projected onto the vocabulary at once: (256, 49152) fp32 logits = 50 MB
+
+
+@torch.no_grad()
+def prompt_logprobs(model: SmolLM2, ids: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+    """Each prompt token's log-probability given the tokens before it (len(ids) - 1 records: the first token has
+    none), with the `top` most likely tokens at each position: what a completion's `echo` reports and what
+    lm-eval sums into a log-likelihood. One forward over the prompt; the output projection runs on a chunk of
+    positions at a time, so a long prompt never holds all its (T, vocab) logits at once."""
+    if top < 0:
+        raise ValueError(f"top must be >= 0, got {top}")
+    device = next(model.parameters()).device
+    hidden = model(torch.tensor([list(ids)], device=device), output="hidden")[0]  # (T, hidden)
+    targets = torch.tensor(list(ids[1:]), device=device)
+    records: list[TokenLogprob] = []
+    for begin in range(0, len(targets), PROMPT_LOGPROBS_CHUNK):
+        end = begin + PROMPT_LOGPROBS_CHUNK
+        logprobs = torch.log_softmax(model.lm_head(hidden[begin:end]).float(), dim=-1)  # position t predicts t + 1
+        chosen = logprobs.gather(1, targets[begin:end, None])[:, 0].tolist()
+        best = torch.topk(logprobs, top) if top else None
+        for i, token in enumerate(targets[begin:end].tolist()):
+            alternatives = tuple(zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True)) if best else ()
+            records.append(TokenLogprob(token, chosen[i], alternatives))
+    return records
 
 
 def step_for(model: SmolLM2, step: StepFn | None) -> StepFn:

@@ -1,8 +1,10 @@
 """An OpenAI-compatible HTTP server over the batching engine, with a chat page at `/`.
 
     GET  /v1/models                 the one model this server runs
-    POST /v1/completions            text after a prompt (a string, or a list of token ids)
+    POST /v1/completions            text after a prompt (a string or token ids; or several: a choice each)
     POST /v1/chat/completions       the assistant's reply to messages, with the model's chat template
+    POST /tokenize, /detokenize     text <-> token ids with the server's own tokenizer (as vLLM has them)
+    GET  /tokenizer_info            the special tokens and the chat template (lm-eval's remote tokenizer)
     GET  /health                    liveness and the engine's load; never needs the API key
     GET  /                          the chat page (page.py; its files are in static/)
 
@@ -10,8 +12,11 @@ Both POST endpoints answer with one JSON object, or with server-sent events (`"s
 `data: {chunk}` per piece of text, a last chunk with finish_reason, a usage chunk when
 `stream_options.include_usage` is set, then `data: [DONE]`. Supported parameters: model, max_tokens
 (max_completion_tokens), temperature, top_p, stop (up to 4 strings), seed, n (1 only), stream, stream_options,
-user; presence_penalty, frequency_penalty, logit_bias, logprobs, echo, suffix and best_of only at their
-no-op values. Any other field is a 400, as OpenAI answers. Defaults are OpenAI's: temperature 1, top_p 1,
+user; on chat completions response_format, logprobs and top_logprobs (0-20); on completions logprobs (0-20)
+and echo (max_tokens 0 with echo scores the prompt alone: what lm-eval's local-completions model asks for);
+presence_penalty, frequency_penalty, logit_bias, suffix and best_of only at their no-op values. Any other
+field is a 400, as OpenAI answers. usage.prompt_tokens_details.cached_tokens counts the prompt tokens the
+prefix cache gave. Defaults are OpenAI's: temperature 1, top_p 1,
 max_tokens 16 for completions; for chat, GenerationConfig's max_new_tokens (OpenAI's "the rest of the
 context" would let one request hold a slot for 8k tokens).
 
@@ -43,14 +48,14 @@ from .protocol import (
     generation_config,
     parse_body,
     parse_messages,
-    parse_prompt,
+    parse_prompts,
 )
 
 if TYPE_CHECKING:
     from .app import create_app, run_server
 
 __all__ = ["COMPLETION_MAX_TOKENS", "MAX_BODY_BYTES", "MAX_STOP_STRINGS", "APIError", "Fields", "create_app",
-           "default_model_name", "generation_config", "parse_body", "parse_messages", "parse_prompt", "run_server"]
+           "default_model_name", "generation_config", "parse_body", "parse_messages", "parse_prompts", "run_server"]
 
 _FROM_APP = {"create_app", "run_server"}
 _SERVE_EXTRA = {"fastapi", "starlette", "uvicorn", "pydantic"}

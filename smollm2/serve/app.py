@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -27,7 +28,8 @@ from starlette.requests import ClientDisconnect
 
 from ..inference.config import GenerationConfig
 from ..inference.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFIX_CACHE_MB, Engine, Job, QueueFull
-from ..inference.generate import StepFn
+from ..inference.generate import StepFn, prompt_logprobs
+from ..inference.stopping import TokenLogprob
 from . import page, protocol
 from .protocol import APIError, invalid
 
@@ -98,51 +100,115 @@ class Generation:
         return protocol.usage_counts(len(self.job.prompt_ids), len(self.job.new_ids), self.job.cached_tokens)
 
 
+@dataclass
+class Echo:
+    """A completion prompt sent back before its completion (`echo`): its text and, with logprobs, each token's
+    (id, TokenLogprob), None for the first token, which has no log-probability."""
+
+    text: str
+    entries: list[tuple[int, TokenLogprob | None]] | None
+
+
+async def collect(request: Request, generation: Generation) -> str:
+    """A generation's whole text; ClientGone if the client leaves meanwhile."""
+    pieces: list[str] = []
+    async for kind, value in generation.events(request):
+        if kind == "text":
+            pieces.append(str(value))
+        elif kind == "error":
+            raise protocol.server_error(str(value))
+    return "".join(pieces)
+
+
+def generated_entries(job: Job) -> list[tuple[int, TokenLogprob | None]]:
+    return [(record.token, record) for record in job.logprobs]
+
+
 async def reply_whole(request: Request, generation: Generation, *, chat: bool, model_name: str,
                       tokenizer: "Tokenizer") -> Response:
     """The whole reply as one JSON object, once generation is done."""
     base = protocol.response_base(chat, model_name)
-    pieces: list[str] = []
     try:
-        async for kind, value in generation.events(request):
-            if kind == "text":
-                pieces.append(str(value))
-            elif kind == "error":
-                raise protocol.server_error(str(value))
+        text = await collect(request, generation)
     except ClientGone:
         return Response(status_code=499)  # nobody is listening; the job is cancelled below
     finally:
         generation.cancel()
     job = generation.job
-    logprobs = protocol.logprobs_content(tokenizer, job.logprobs) if job.config.logprobs is not None else None
-    return JSONResponse(protocol.completion_response(base, chat, "".join(pieces), job.finish_reason,
-                                                     generation.usage(), logprobs))
+    logprobs = None
+    if job.config.logprobs is not None:
+        logprobs = (protocol.logprobs_content(tokenizer, job.logprobs) if chat
+                    else protocol.text_completion_logprobs(tokenizer, generated_entries(job)))
+    return JSONResponse(protocol.completion_response(base, chat, text, job.finish_reason, generation.usage(),
+                                                     logprobs))
+
+
+async def reply_completions(request: Request, generations: list[Generation | None], echoes: list[Echo | None],
+                            prompts: list[list[int]], *, logprobs: int | None, model_name: str,
+                            tokenizer: "Tokenizer") -> Response:
+    """Completions of several prompts, or with their prompts echoed, as one JSON object: a choice per prompt.
+    A None generation (max_tokens 0) generates nothing: the choice is the echoed prompt alone."""
+    base = protocol.response_base(False, model_name)
+    texts = []
+    try:  # one after the other: the engine runs them all together meanwhile
+        for generation in generations:
+            texts.append(await collect(request, generation) if generation is not None else "")
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        for generation in generations:
+            if generation is not None:
+                generation.cancel()
+    choices, usage = [], protocol.usage_counts(0, 0)
+    for index, (generation, echo, ids, text) in enumerate(zip(generations, echoes, prompts, texts, strict=True)):
+        job = generation.job if generation is not None else None
+        entries = None
+        if logprobs is not None:
+            entries = [*(echo.entries or [] if echo is not None else []), *(generated_entries(job) if job else [])]
+        choices.append(protocol.text_choice(
+            index, (echo.text if echo is not None else "") + text, job.finish_reason if job else "length",
+            protocol.text_completion_logprobs(tokenizer, entries) if entries is not None else None))
+        counts = generation.usage() if generation is not None else protocol.usage_counts(len(ids), 0)
+        usage = protocol.add_usage(usage, counts)
+    return JSONResponse(protocol.text_completion_response(base, choices, usage))
 
 
 def reply_stream(generation: Generation, *, chat: bool, include_usage: bool, model_name: str,
-                 tokenizer: "Tokenizer") -> Response:
-    """The reply as server-sent events: chunks as text arrives, a finish_reason, usage if asked, [DONE].
+                 tokenizer: "Tokenizer", echo: Echo | None = None) -> Response:
+    """The reply as server-sent events: chunks as text arrives, a finish_reason, usage if asked, [DONE]. An
+    echoed completion prompt comes first, in a chunk of its own.
 
     With logprobs, each chunk carries those of the tokens recorded since the previous chunk (the engine may be a
     token or two ahead of the text it has sent: the last chunk carries the rest), so the stream's logprobs are
     the whole reply's, in order."""
     base = protocol.response_base(chat, model_name)
-    sent = 0
+    sent = offset = 0
 
-    def new_logprobs() -> list[dict[str, Any]] | None:
+    def text_logprobs(entries: list[tuple[int, TokenLogprob | None]]) -> dict[str, Any]:
+        nonlocal offset  # character offsets run on across chunks
+        result = protocol.text_completion_logprobs(tokenizer, entries, offset)
+        offset += sum(len(token) for token in result["tokens"])
+        return result
+
+    def new_logprobs() -> Any:
         nonlocal sent
         job = generation.job
         if job.config.logprobs is None:
             return None
         records = job.logprobs[sent:]
         sent += len(records)
-        return protocol.logprobs_content(tokenizer, records)
+        if chat:
+            return protocol.logprobs_content(tokenizer, records)
+        return text_logprobs([(record.token, record) for record in records])
 
     async def events() -> AsyncIterator[str]:
         # Starlette cancels this generator when the client disconnects; `finally` then frees the slot.
         try:
             if chat:
                 yield protocol.sse(protocol.chunk(base, chat, None, None, role=True))
+            if echo is not None:
+                echoed = text_logprobs(echo.entries) if echo.entries is not None else None
+                yield protocol.sse(protocol.chunk(base, chat, echo.text, None, logprobs=echoed))
             async for kind, value in generation.events():
                 if kind == "text":
                     yield protocol.sse(protocol.chunk(base, chat, str(value), None, logprobs=new_logprobs()))
@@ -230,6 +296,7 @@ class Routes:
         self.engine, self.tokenizer, self.name, self.vocab_size = engine, tokenizer, name, vocab_size
         self.api_key = api_key
         self.created = int(time.time())
+        self.scoring = threading.Lock()  # echoed prompts' forwards: one at a time
         try:
             self.end_of_turn: tuple[int, ...] = (tokenizer.token_id("<|im_end|>"),)
         except ValueError:
@@ -267,10 +334,44 @@ class Routes:
 
     async def completions(self, request: Request) -> Response:
         fields, prompt = protocol.read_completion_request(await read_json(request), self.name)
-        prompt_ids = await asyncio.to_thread(protocol.parse_prompt, prompt, self.tokenizer, self.vocab_size)
-        config = protocol.generation_config(fields, len(prompt_ids), self.engine.context_length,
-                                            prompt_param="prompt", default_max_tokens=protocol.COMPLETION_MAX_TOKENS)
-        return await self.reply(request, fields, prompt_ids, config, chat=False)
+        prompts = await asyncio.to_thread(protocol.parse_prompts, prompt, self.tokenizer, self.vocab_size)
+        echo, logprobs = protocol.completion_logprobs(fields)
+        configs = [protocol.generation_config(fields, len(ids), self.engine.context_length, prompt_param="prompt",
+                                              default_max_tokens=protocol.COMPLETION_MAX_TOKENS, logprobs=logprobs,
+                                              min_tokens=0 if echo else 1) for ids in prompts]
+        no_tokens = protocol.wants_no_tokens(fields)
+        stream, include_usage = fields.stream()
+        if stream and (len(prompts) > 1 or no_tokens):
+            raise invalid("A streamed completion takes one prompt and max_tokens of at least 1; send several "
+                          "prompts, or max_tokens 0 with echo, without 'stream'.", "stream")
+        echoes = [await asyncio.to_thread(self.echo, ids, logprobs) if echo else None for ids in prompts]
+        if not echo and len(prompts) == 1:
+            return await self.reply(request, fields, prompts[0], configs[0], chat=False)
+        if stream:
+            return reply_stream(Generation(self.engine, prompts[0], configs[0]), chat=False,
+                                include_usage=include_usage, model_name=self.name, tokenizer=self.tokenizer,
+                                echo=echoes[0])
+        generations: list[Generation | None] = []
+        try:
+            for ids, config in zip(prompts, configs, strict=True):
+                generations.append(None if no_tokens else Generation(self.engine, ids, config))
+        except APIError:  # e.g. the queue filled up part way: the prompts already submitted are dropped
+            for generation in generations:
+                if generation is not None:
+                    generation.cancel()
+            raise
+        return await reply_completions(request, generations, echoes, prompts, logprobs=logprobs,
+                                       model_name=self.name, tokenizer=self.tokenizer)
+
+    def echo(self, ids: list[int], logprobs: int | None) -> Echo:
+        """The prompt to echo; with logprobs, its tokens' log-probabilities from one forward of the model, one
+        request at a time (beside the engine's own steps, on the same weights)."""
+        text = self.tokenizer.decode(ids)
+        if logprobs is None:
+            return Echo(text, None)
+        with self.scoring:
+            records = prompt_logprobs(self.engine.model, ids, logprobs)
+        return Echo(text, [(ids[0], None), *((record.token, record) for record in records)])
 
     async def reply(self, request: Request, fields: protocol.Fields, prompt_ids: list[int],
                     config: GenerationConfig, *, chat: bool) -> Response:
@@ -280,6 +381,18 @@ class Routes:
             return reply_stream(generation, chat=chat, include_usage=include_usage, model_name=self.name,
                                 tokenizer=self.tokenizer)
         return await reply_whole(request, generation, chat=chat, model_name=self.name, tokenizer=self.tokenizer)
+
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        text = protocol.read_tokenize_request(await read_json(request))
+        ids = await asyncio.to_thread(self.tokenizer.encode, text)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.context_length}
+
+    async def detokenize(self, request: Request) -> dict[str, Any]:
+        ids = protocol.read_detokenize_request(await read_json(request), self.vocab_size)
+        return {"prompt": await asyncio.to_thread(self.tokenizer.decode, ids)}
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        return protocol.tokenizer_info(self.tokenizer, self.engine.context_length)
 
     async def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.name, **self.engine.stats()}
@@ -363,6 +476,13 @@ def create_app(
     api.add_api_route("/chat/completions", routes.chat_completions, methods=["POST"])
     api.add_api_route("/completions", routes.completions, methods=["POST"])
     app.include_router(api)
+    # vLLM's tokenizer routes, which lm-eval's `tokenizer_backend=remote` reads: clients count and build
+    # prompts with this server's own tokenizer, never a copy that might split text differently
+    tokens = APIRouter(dependencies=[Depends(routes.authorize)])
+    tokens.add_api_route("/tokenize", routes.tokenize, methods=["POST"])
+    tokens.add_api_route("/detokenize", routes.detokenize, methods=["POST"])
+    tokens.add_api_route("/tokenizer_info", routes.tokenizer_info, methods=["GET"])
+    app.include_router(tokens)
     app.add_api_route("/health", routes.health, methods=["GET"])  # open: never needs the API key
     add_page(app)
 

@@ -30,11 +30,13 @@ _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", 
                   "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}
 CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
-# Accepted only at the value that means "off": the engine has no such penalties, and completions no logprobs or
-# echo (chat completions have logprobs: CHAT_OPTIONS).
+# Accepted only at the value that means "off": the engine has no such penalties (chat completions have logprobs:
+# CHAT_OPTIONS; completions logprobs and echo: COMPLETION_OPTIONS).
 _NO_OP_VALUES = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "logprobs": (False, 0),
                  "top_logprobs": (0,), "echo": (False,), "suffix": ("",), "best_of": (1,)}
 CHAT_OPTIONS = {"logprobs", "top_logprobs"}  # checked by chat_logprobs instead
+COMPLETION_OPTIONS = {"logprobs", "echo"}  # checked by completion_logprobs instead
+MAX_PROMPTS = 64  # prompts in one completion request (each is a job: one choice each)
 _ROUTE_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
@@ -250,8 +252,8 @@ def read_chat_request(body: dict[str, Any], served: str) -> tuple[Fields, list[d
 
 
 def read_completion_request(body: dict[str, Any], served: str) -> tuple[Fields, object]:
-    """A /v1/completions body -> (its fields, the prompt as sent; parse_prompt turns it into token ids)."""
-    fields = Fields(body, COMPLETION_FIELDS)
+    """A /v1/completions body -> (its fields, the prompt as sent; parse_prompts turns it into token ids)."""
+    fields = Fields(body, COMPLETION_FIELDS, COMPLETION_OPTIONS)
     check_model(fields, served)
     if "prompt" not in fields.body:
         raise invalid("Missing required parameter: 'prompt'.", "prompt")
@@ -291,22 +293,31 @@ def parse_messages(value: object) -> list[dict[str, str]]:
     return messages
 
 
-def parse_prompt(value: object, tokenizer: Tokenizer, vocab_size: int) -> list[int]:
-    """A completion prompt -> token ids: a string (special tokens allowed), one string in an array, or ids."""
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
-        value = value[0]
+def parse_prompts(value: object, tokenizer: Tokenizer, vocab_size: int) -> list[list[int]]:
+    """A completion's prompt -> token ids, one list per prompt: a string (special tokens allowed), an array of
+    token ids, or an array of several strings or token-id arrays (one choice each, as OpenAI's API batches)."""
+    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+        if len(value) > MAX_PROMPTS:
+            raise invalid(f"Invalid value for 'prompt': {len(value)} prompts; at most {MAX_PROMPTS} in one "
+                          "request.", "prompt")
+        return [parse_prompt(p, tokenizer, vocab_size, f"prompt[{i}]") for i, p in enumerate(value)]
+    return [parse_prompt(value, tokenizer, vocab_size)]
+
+
+def parse_prompt(value: object, tokenizer: Tokenizer, vocab_size: int, where: str = "prompt") -> list[int]:
+    """One prompt -> token ids: a non-empty string or a non-empty array of token ids."""
     if isinstance(value, str):
         if not value:
-            raise invalid("'prompt' must not be empty.", "prompt")
+            raise invalid(f"'{where}' must not be empty.", "prompt")
         return tokenizer.encode(value)
     if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         bad = [t for t in value if not 0 <= t < vocab_size]
         if bad:
-            raise invalid(f"Invalid value for 'prompt': token id {bad[0]} is outside the vocabulary "
+            raise invalid(f"Invalid value for '{where}': token id {bad[0]} is outside the vocabulary "
                           f"(0..{vocab_size - 1}).", "prompt")
         return list(value)
-    raise invalid("Invalid value for 'prompt': expected a non-empty string, an array with one string, or a "
-                  "non-empty array of token ids (this server does not batch several prompts).", "prompt")
+    raise invalid(f"Invalid value for '{where}': expected a non-empty string, a non-empty array of token ids, "
+                  "or an array of such prompts.", "prompt")
 
 
 def response_format(fields: Fields):  # -> Constraint | None
@@ -368,6 +379,73 @@ def chat_logprobs(fields: Fields) -> int | None:
     return (top or 0) if on else None
 
 
+def read_tokenize_request(body: dict[str, Any]) -> str:
+    """A /tokenize body, {"prompt": text, "add_special_tokens": bool}, -> the text (SmolLM2's tokenizer adds no
+    special tokens of its own, so the flag changes nothing)."""
+    unknown = sorted(set(body) - {"prompt", "add_special_tokens", "model"})
+    if unknown:
+        raise invalid(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise invalid(f"Invalid type for 'prompt': expected a string, but got {json_type(prompt)}.", "prompt")
+    if not isinstance(body.get("add_special_tokens", False), bool):
+        raise invalid("Invalid type for 'add_special_tokens': expected a boolean.", "add_special_tokens")
+    return prompt
+
+
+def read_detokenize_request(body: dict[str, Any], vocab_size: int) -> list[int]:
+    """A /detokenize body, {"tokens": [ids]}, -> the ids."""
+    unknown = sorted(set(body) - {"tokens", "model"})
+    if unknown:
+        raise invalid(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise invalid("Invalid value for 'tokens': expected an array of token ids.", "tokens")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise invalid(f"Invalid value for 'tokens': token id {bad[0]} is outside the vocabulary "
+                      f"(0..{vocab_size - 1}).", "tokens")
+    return ids
+
+
+def tokenizer_info(tokenizer: Tokenizer, context: int) -> dict[str, Any]:
+    """GET /tokenizer_info, as vLLM answers it: the special tokens, the chat template, the context length."""
+
+    def name(token_id: int | None) -> str | None:
+        return tokenizer.decode([token_id]) if token_id is not None else None
+
+    return {"tokenizer_class": "smollm2.Tokenizer", "eos_token": name(tokenizer.eos_id),
+            "bos_token": name(tokenizer.bos_id), "pad_token": name(tokenizer.pad_id),
+            "chat_template": tokenizer.chat_template, "model_max_length": context}
+
+
+def completion_logprobs(fields: Fields) -> tuple[bool, int | None]:
+    """(echo, logprobs) of a completion request: echo the prompt before the completion (a boolean); logprobs the
+    number of most likely tokens (0-20) reported beside each token's own log-probability, None when off."""
+    echo = fields.get("echo", (bool,), "a boolean") or False
+    return echo, fields.integer("logprobs", 0, 20)
+
+
+def text_completion_logprobs(tokenizer: Tokenizer, entries: list, offset: int = 0) -> dict[str, Any]:
+    """The completions API's choice.logprobs for (token id, TokenLogprob) pairs (None for an echoed prompt's first
+    token, which has no log-probability): each token's text, its log-probability, the most likely tokens there
+    as {text: logprob}, and each token's character offset in the text, counted from `offset`."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+    for token, record in entries:
+        text = tokenizer.decode_bytes([token]).decode("utf-8", errors="replace")
+        tokens.append(text)
+        token_logprobs.append(record.logprob if record is not None else None)
+        top_logprobs.append({tokenizer.decode_bytes([t]).decode("utf-8", errors="replace"): lp
+                             for t, lp in record.top} if record is not None else None)
+        text_offset.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": text_offset}
+
+
 def logprobs_content(tokenizer: Tokenizer, records: list) -> list[dict[str, Any]]:
     """OpenAI's choice.logprobs.content for recorded TokenLogprobs: each token's text, UTF-8 bytes, log-prob and
     its top alternatives."""
@@ -381,9 +459,11 @@ def logprobs_content(tokenizer: Tokenizer, records: list) -> list[dict[str, Any]
 
 def generation_config(fields: Fields, prompt_tokens: int, context: int, *, default_max_tokens: int,
                       prompt_param: str, stop_ids: tuple[int, ...] = (), constraint=None,
-                      logprobs: int | None = None) -> GenerationConfig:
-    """The request's sampling options, after checking them and the prompt's length against the context."""
-    max_tokens = fields.integer("max_tokens", 1)
+                      logprobs: int | None = None, min_tokens: int = 1) -> GenerationConfig:
+    """The request's sampling options, after checking them and the prompt's length against the context.
+    min_tokens 0 (completions with echo): max_tokens 0 asks for the prompt's log-probabilities alone; the
+    config then says 1 and the caller generates nothing (wants_no_tokens)."""
+    max_tokens = fields.integer("max_tokens", min_tokens)
     if "max_completion_tokens" in fields.body:  # the chat API's newer name for the same thing
         newer = fields.integer("max_completion_tokens", 1)
         if max_tokens is not None and newer is not None and newer != max_tokens:
@@ -403,7 +483,7 @@ def generation_config(fields: Fields, prompt_tokens: int, context: int, *, defau
     fields.get("user", (str,), "a string")
     try:
         return GenerationConfig(
-            max_new_tokens=max_tokens,
+            max_new_tokens=max(max_tokens, 1),
             temperature=fields.number("temperature", 1.0, 0.0, 2.0),
             top_p=fields.number("top_p", 1.0, 0.0, 1.0, low_open=True),
             seed=fields.integer("seed", 0, 2**63 - 1),
@@ -413,6 +493,12 @@ def generation_config(fields: Fields, prompt_tokens: int, context: int, *, defau
         )
     except ValueError as e:  # the checks above should catch everything first; never a 500 if they don't
         raise invalid(str(e)) from None
+
+
+def wants_no_tokens(fields: Fields) -> bool:
+    """max_tokens 0 (accepted with echo only, by generation_config): score the prompt, generate nothing."""
+    value = fields.body.get("max_tokens")
+    return value == 0 and not isinstance(value, bool)
 
 
 # ---- answering -------------------------------------------------------------------------------------------
@@ -446,21 +532,39 @@ def usage_counts(prompt_tokens: int, completion_tokens: int, cached_tokens: int 
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+def add_usage(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """The usage of two jobs together (a request of several prompts)."""
+    return usage_counts(a["prompt_tokens"] + b["prompt_tokens"], a["completion_tokens"] + b["completion_tokens"],
+                        a["prompt_tokens_details"]["cached_tokens"] + b["prompt_tokens_details"]["cached_tokens"])
+
+
 def completion_response(base: dict[str, Any], chat: bool, text: str, finish_reason: str | None,
-                        usage: dict[str, Any], logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """A whole (non-streamed) reply: a chat.completion with a message, or a text_completion with text."""
+                        usage: dict[str, Any], logprobs: Any = None) -> dict[str, Any]:
+    """A whole (non-streamed) reply: a chat.completion with a message, or a text_completion with text. logprobs:
+    logprobs_content's list (chat) or text_completion_logprobs' object (completions)."""
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
                   "logprobs": {"content": logprobs, "refusal": None} if logprobs is not None else None,
                   "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = text_choice(0, text, finish_reason, logprobs)
     return {**base, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
             "usage": usage}
 
 
+def text_choice(index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def text_completion_response(base: dict[str, Any], choices: list[dict[str, Any]], usage: dict[str, Any]
+                             ) -> dict[str, Any]:
+    """A completion of several prompts: one choice each, in the prompts' order."""
+    return {**base, "object": "text_completion", "choices": choices, "usage": usage}
+
+
 def chunk(base: dict[str, Any], chat: bool, text: str | None, finish_reason: str | None,
-          role: bool = False, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+          role: bool = False, logprobs: Any = None) -> dict[str, Any]:
     """One streamed piece: chat chunks carry a delta (the first one the role), completion chunks the text."""
     if chat:
         delta: dict[str, str] = {"role": "assistant", "content": ""} if role else {}
@@ -470,8 +574,7 @@ def chunk(base: dict[str, Any], chat: bool, text: str | None, finish_reason: str
                   "logprobs": {"content": logprobs, "refusal": None} if logprobs else None,
                   "finish_reason": finish_reason}
         return {**base, "object": "chat.completion.chunk", "choices": [choice]}
-    choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-    return {**base, "object": "text_completion", "choices": [choice]}
+    return {**base, "object": "text_completion", "choices": [text_choice(0, text or "", finish_reason, logprobs)]}
 
 
 def usage_chunk(base: dict[str, Any], chat: bool, usage: dict[str, Any]) -> dict[str, Any]:

@@ -295,10 +295,11 @@ BAD_REQUESTS = [  # (endpoint, body, expected param)
     ("completions", with_(COMPLETION, prompt=...), "prompt"),
     ("completions", with_(COMPLETION, prompt=""), "prompt"),
     ("completions", with_(COMPLETION, prompt=[]), "prompt"),
-    ("completions", with_(COMPLETION, prompt=["a", "b"]), "prompt"),
+    ("completions", with_(COMPLETION, prompt=["a", ""]), "prompt"),
     ("completions", with_(COMPLETION, prompt=[1, "a"]), "prompt"),
     ("completions", with_(COMPLETION, prompt=[99999999]), "prompt"),
-    ("completions", with_(COMPLETION, echo=True), "echo"),
+    ("completions", with_(COMPLETION, echo=1), "echo"),
+    ("completions", with_(COMPLETION, suffix="x"), "suffix"),
     ("completions", with_(COMPLETION, messages=[]), "messages"),
 ]
 

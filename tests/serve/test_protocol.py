@@ -26,7 +26,7 @@ from smollm2.serve.protocol import (
     generation_config,
     parse_body,
     parse_messages,
-    parse_prompt,
+    parse_prompts,
 )
 
 
@@ -231,21 +231,25 @@ def test_read_requests_check_in_order():
 
 
 class CharTokenizer:
-    """One token id per character: enough for parse_prompt, which only calls encode."""
+    """One token id per character: enough for parse_prompts, which only calls encode."""
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]
 
 
-def test_parse_prompt():
+def test_parse_prompts():
     tokenizer = CharTokenizer()
-    assert parse_prompt("ab", tokenizer, 1000) == [97, 98]
-    assert parse_prompt(["ab"], tokenizer, 1000) == [97, 98]  # one string in an array
-    assert parse_prompt([0, 5, 999], tokenizer, 1000) == [0, 5, 999]
-    error = check(bad(parse_prompt, [5, 1000], tokenizer, 1000), 400, param="prompt")
+    assert parse_prompts("ab", tokenizer, 1000) == [[97, 98]]
+    assert parse_prompts(["ab"], tokenizer, 1000) == [[97, 98]]  # one string in an array
+    assert parse_prompts([0, 5, 999], tokenizer, 1000) == [[0, 5, 999]]
+    assert parse_prompts(["a", "b"], tokenizer, 1000) == [[97], [98]]  # several prompts: a choice each
+    assert parse_prompts([[1], [2, 3]], tokenizer, 1000) == [[1], [2, 3]]
+    error = check(bad(parse_prompts, [5, 1000], tokenizer, 1000), 400, param="prompt")
     assert "1000" in error["message"] and "0..999" in error["message"]
-    for value in ["", [], [True], ["a", "b"], [[1]], {"a": 1}, None, 5, [-1]]:
-        check(bad(parse_prompt, value, tokenizer, 1000), 400, param="prompt")
+    error = check(bad(parse_prompts, ["a", [1, -1]], tokenizer, 1000), 400, param="prompt")
+    assert "'prompt[1]'" in error["message"]
+    for value in ["", [], [True], [[]], ["a", 5], {"a": 1}, None, 5, [-1], [[1.5]]]:
+        check(bad(parse_prompts, value, tokenizer, 1000), 400, param="prompt")
 
 
 # ---- keys, errors and answers --------------------------------------------------------------------------
