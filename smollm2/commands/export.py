@@ -100,6 +100,7 @@ def _run_gguf(args: argparse.Namespace) -> int:
     name = Path(str(args.source)).name if args.source is not None else BUNDLED_FILE
     types = write_gguf(out, config, state_dict, tokenizer, file_type, name=name, general=general)
     counts = ", ".join(f"{n} {t}" for t, n in sorted(types.items(), key=lambda item: -item[1]))
-    print(f"exported {path} ({config.num_parameters() / 1e6:.1f}M parameters) to {out}: {file_type}, "
+    shown = path if args.source is not None else f"the bundled {BUNDLED_FILE}"
+    print(f"exported {shown} ({config.num_parameters() / 1e6:.1f}M parameters) to {out}: {file_type}, "
           f"{out.stat().st_size / 1e6:.1f} MB, tensors {counts}")
     return 0
