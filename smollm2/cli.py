@@ -21,8 +21,10 @@ COMMANDS = {
     "finetune": ("finetune", "supervised training on chats from any model (full or LoRA), or resume such a run"),
     "dpo": ("dpo", "align a model with Direct Preference Optimization on chosen/rejected pairs (full or LoRA)"),
     "eval": ("eval", "perplexity of a model on a text corpus"),
-    "evaluate": ("evaluate", "the model card's benchmarks (zero-shot PIQA, ARC, HellaSwag, ...; IFEval, GSM8K, MMLU, BBH) next to its numbers"),
-    "export": ("export", "write a model in the original's layout (transformers loads it) or as a GGUF file (llama.cpp runs it)"),
+    "evaluate": ("evaluate", "the model card's benchmarks (zero-shot PIQA, ARC, HellaSwag, ...; IFEval, GSM8K, "
+                             "MMLU, BBH) next to its numbers"),
+    "export": ("export", "write a model in the original's layout (transformers loads it) or as a GGUF file "
+                         "(llama.cpp runs it)"),
     "bench": ("bench", "measure prefill and decode speed against transformers and llama.cpp"),
     "serve": ("serve", "an OpenAI-compatible HTTP server with a chat page"),
     "lens": ("lens", "the logit lens: what each layer would predict, as a table and a heat map"),

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
 
 KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
-_JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+# compact JSON (llguidance's options): a model cannot ramble in whitespace
+JSON_FORMAT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 
 
 def _llguidance():  # the optional extra, imported where a constraint is used
@@ -62,7 +63,7 @@ class Constraint:
             raise ValueError(f"a JSON schema must be a JSON object, got {type(schema).__name__}")
         llg = _llguidance()
         try:
-            grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+            grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_FORMAT)
         except ValueError as e:
             raise ValueError(f"the JSON schema cannot be used: {e}") from None
         return cls._checked("json_schema", grammar)
@@ -71,7 +72,7 @@ class Constraint:
     def json_object(cls) -> Constraint:
         """Any JSON object (OpenAI's response_format {"type": "json_object"})."""
         return cls._checked("json_object", _llguidance().LLMatcher.grammar_from_json_schema(
-            {"type": "object"}, defaults=_JSON_OPTIONS))
+            {"type": "object"}, defaults=JSON_FORMAT))
 
     @classmethod
     def regex(cls, pattern: str) -> Constraint:

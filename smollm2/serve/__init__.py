@@ -12,7 +12,8 @@ Both POST endpoints answer with one JSON object, or with server-sent events (`"s
 `data: {chunk}` per piece of text, a last chunk with finish_reason, a usage chunk when
 `stream_options.include_usage` is set, then `data: [DONE]`. Supported parameters: model, max_tokens
 (max_completion_tokens), temperature, top_p, stop (up to 4 strings), seed, n (1 only), stream, stream_options,
-user; on chat completions response_format, logprobs and top_logprobs (0-20); on completions logprobs (0-20)
+user; on chat completions response_format, logprobs and top_logprobs (0-20), tools, tool_choice and
+parallel_tool_calls (tools.py); on completions logprobs (0-20)
 and echo (max_tokens 0 with echo scores the prompt alone: what lm-eval's local-completions model asks for);
 presence_penalty, frequency_penalty, logit_bias, suffix and best_of only at their no-op values. Any other
 field is a 400, as OpenAI answers. usage.prompt_tokens_details.cached_tokens counts the prompt tokens the
@@ -27,6 +28,7 @@ engine's queue is full. A client that disconnects has its generation cancelled w
 
 The package:
     protocol.py   the API's wire format: parsing and checking requests, the shapes of answers and errors
+    tools.py      tool calls: the tools in the prompt, the reply's <tool_call> as message.tool_calls
     app.py        the FastAPI app (create_app) and uvicorn (run_server)
     page.py       the chat page: its static/ files and the headers they are served with
 

@@ -30,7 +30,7 @@ from ..inference.config import GenerationConfig
 from ..inference.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFIX_CACHE_MB, Engine, Job, QueueFull
 from ..inference.generate import StepFn, prompt_logprobs
 from ..inference.stopping import TokenLogprob
-from . import page, protocol
+from . import page, protocol, tools
 from .protocol import APIError, invalid
 
 if TYPE_CHECKING:
@@ -125,8 +125,9 @@ def generated_entries(job: Job) -> list[tuple[int, TokenLogprob | None]]:
 
 
 async def reply_whole(request: Request, generation: Generation, *, chat: bool, model_name: str,
-                      tokenizer: "Tokenizer") -> Response:
-    """The whole reply as one JSON object, once generation is done."""
+                      tokenizer: "Tokenizer", offered: tools.Tools | None = None) -> Response:
+    """The whole reply as one JSON object, once generation is done; with tools offered, a reply that calls
+    them is message.tool_calls."""
     base = protocol.response_base(chat, model_name)
     try:
         text = await collect(request, generation)
@@ -139,8 +140,10 @@ async def reply_whole(request: Request, generation: Generation, *, chat: bool, m
     if job.config.logprobs is not None:
         logprobs = (protocol.logprobs_content(tokenizer, job.logprobs) if chat
                     else protocol.text_completion_logprobs(tokenizer, generated_entries(job)))
-    return JSONResponse(protocol.completion_response(base, chat, text, job.finish_reason, generation.usage(),
-                                                     logprobs))
+    calls = tools.parse_reply(text, offered) if offered is not None else None
+    return JSONResponse(protocol.completion_response(
+        base, chat, text, "tool_calls" if calls else job.finish_reason, generation.usage(), logprobs,
+        tool_calls=[call.openai() for call in calls] if calls else None))
 
 
 async def reply_completions(request: Request, generations: list[Generation | None], echoes: list[Echo | None],
@@ -174,9 +177,10 @@ async def reply_completions(request: Request, generations: list[Generation | Non
 
 
 def reply_stream(generation: Generation, *, chat: bool, include_usage: bool, model_name: str,
-                 tokenizer: "Tokenizer", echo: Echo | None = None) -> Response:
+                 tokenizer: "Tokenizer", echo: Echo | None = None, offered: tools.Tools | None = None) -> Response:
     """The reply as server-sent events: chunks as text arrives, a finish_reason, usage if asked, [DONE]. An
-    echoed completion prompt comes first, in a chunk of its own.
+    echoed completion prompt comes first, in a chunk of its own. With tools offered, text that may still become
+    a tool call is held back: at the end it is one tool_calls delta (finish_reason "tool_calls"), or content.
 
     With logprobs, each chunk carries those of the tokens recorded since the previous chunk (the engine may be a
     token or two ahead of the text it has sent: the last chunk carries the rest), so the stream's logprobs are
@@ -209,11 +213,21 @@ def reply_stream(generation: Generation, *, chat: bool, include_usage: bool, mod
             if echo is not None:
                 echoed = text_logprobs(echo.entries) if echo.entries is not None else None
                 yield protocol.sse(protocol.chunk(base, chat, echo.text, None, logprobs=echoed))
+            held: str | None = "" if offered is not None else None  # None: streaming freely
             async for kind, value in generation.events():
-                if kind == "text":
-                    yield protocol.sse(protocol.chunk(base, chat, str(value), None, logprobs=new_logprobs()))
+                if kind == "text" and held is not None and tools.may_become_a_call(held + str(value)):
+                    held += str(value)
+                elif kind == "text":
+                    text, held = (held or "") + str(value), None
+                    yield protocol.sse(protocol.chunk(base, chat, text, None, logprobs=new_logprobs()))
                 elif kind == "done":
-                    yield protocol.sse(protocol.chunk(base, chat, None, str(value), logprobs=new_logprobs()))
+                    calls = tools.parse_reply(held, offered) if held and offered is not None else None
+                    if calls:
+                        deltas = [call.openai(index) for index, call in enumerate(calls)]
+                        yield protocol.sse(protocol.chunk(base, chat, None, None, logprobs=new_logprobs(),
+                                                          tool_calls=deltas))
+                        value, held = "tool_calls", None
+                    yield protocol.sse(protocol.chunk(base, chat, held or None, str(value), logprobs=new_logprobs()))
                 else:
                     yield protocol.sse(protocol.server_error(str(value)).body())
             if include_usage:
@@ -316,12 +330,24 @@ class Routes:
 
     async def chat_completions(self, request: Request) -> Response:
         fields, messages = protocol.read_chat_request(await read_json(request), self.name)
+        body = fields.body
+        offered = tools.parse_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+        messages = tools.render_history(messages)
+        if offered is not None and offered.offered:
+            messages = tools.with_tools(messages, offered)
+        else:
+            offered = None  # tool_choice "none": a plain chat
         try:  # in a worker thread: tokenizing a 1 MiB body takes long enough to stall the other streams
             prompt_ids = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages,
                                                  add_generation_prompt=True, tokenize=True)
         except ValueError as e:
             raise invalid(str(e), "messages") from None
         constraint, logprobs = protocol.response_format(fields), protocol.chat_logprobs(fields)
+        call_constraint = tools.constraint(offered) if offered is not None else None
+        if constraint is not None and call_constraint is not None:
+            raise invalid("'response_format' cannot be combined with a required tool call ('tool_choice').",
+                          "tool_choice")
+        constraint = constraint or call_constraint
         if constraint is not None:  # llguidance's view of the vocabulary: seconds, once, off the event loop
             from ..inference.constraints import grammar_tokenizer
 
@@ -330,7 +356,7 @@ class Routes:
                                             prompt_param="messages", stop_ids=self.end_of_turn,
                                             default_max_tokens=GenerationConfig().max_new_tokens,
                                             constraint=constraint, logprobs=logprobs)
-        return await self.reply(request, fields, prompt_ids, config, chat=True)
+        return await self.reply(request, fields, prompt_ids, config, chat=True, offered=offered)
 
     async def completions(self, request: Request) -> Response:
         fields, prompt = protocol.read_completion_request(await read_json(request), self.name)
@@ -374,13 +400,14 @@ class Routes:
         return Echo(text, [(ids[0], None), *((record.token, record) for record in records)])
 
     async def reply(self, request: Request, fields: protocol.Fields, prompt_ids: list[int],
-                    config: GenerationConfig, *, chat: bool) -> Response:
+                    config: GenerationConfig, *, chat: bool, offered: tools.Tools | None = None) -> Response:
         stream, include_usage = fields.stream()
         generation = Generation(self.engine, prompt_ids, config)
         if stream:
             return reply_stream(generation, chat=chat, include_usage=include_usage, model_name=self.name,
-                                tokenizer=self.tokenizer)
-        return await reply_whole(request, generation, chat=chat, model_name=self.name, tokenizer=self.tokenizer)
+                                tokenizer=self.tokenizer, offered=offered)
+        return await reply_whole(request, generation, chat=chat, model_name=self.name, tokenizer=self.tokenizer,
+                                 offered=offered)
 
     async def tokenize(self, request: Request) -> dict[str, Any]:
         text = protocol.read_tokenize_request(await read_json(request))

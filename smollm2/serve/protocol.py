@@ -24,11 +24,13 @@ if TYPE_CHECKING:
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a full 8k-token context is ~40 KB of text, so this is generous
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # -> template role
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",  # -> template role
+         "tool": "tool"}  # (a tool's result: tools.render_history makes it a user turn)
 
 _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
                   "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}
-CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
+CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
+                                "tool_choice", "parallel_tool_calls"}
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 # Accepted only at the value that means "off": the engine has no such penalties (chat completions have logprobs:
 # CHAT_OPTIONS; completions logprobs and echo: COMPLETION_OPTIONS).
@@ -260,8 +262,9 @@ def read_completion_request(body: dict[str, Any], served: str) -> tuple[Fields, 
     return fields, fields.body["prompt"]
 
 
-def parse_messages(value: object) -> list[dict[str, str]]:
-    """OpenAI chat messages -> [{"role", "content"}] for the chat template (text content only)."""
+def parse_messages(value: object) -> list[dict[str, Any]]:
+    """OpenAI chat messages -> [{"role", "content"}] (text content only), an assistant's earlier `tool_calls`
+    kept beside its content (tools.render_history writes them into it for the chat template)."""
     if not isinstance(value, list) or not value:
         raise invalid("'messages' must be a non-empty array of {\"role\", \"content\"} objects.", "messages")
     messages = []
@@ -270,14 +273,18 @@ def parse_messages(value: object) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise invalid(f"'{where}' must be an object with 'role' and 'content', got {json_type(message)}.",
                           where)
-        unknown = sorted(set(message) - {"role", "content", "name"})
+        role = message.get("role")
+        extra = {"assistant": {"tool_calls"}, "tool": {"tool_call_id"}}.get(role, set()) if isinstance(role, str) \
+            else set()
+        unknown = sorted(set(message) - {"role", "content", "name"} - extra)
         if unknown:
             raise invalid(f"Unrecognized argument in '{where}': {show(unknown[0])}", f"{where}.{unknown[0][:100]}")
-        role = message.get("role")
         if role not in ROLES:
             raise invalid(f"Invalid value for '{where}.role': {show(role)} (supported: system, developer, user, "
-                          "assistant).", f"{where}.role")
+                          "assistant, tool).", f"{where}.role")
         content = message.get("content")
+        if content is None and message.get("tool_calls") is not None:
+            content = ""  # an assistant turn that only called tools
         if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        and set(p) == {"type", "text"} for p in content):
@@ -289,7 +296,12 @@ def parse_messages(value: object) -> list[dict[str, str]]:
                           f"but got {json_type(content)}.", f"{where}.content")
         if message.get("name") is not None and not isinstance(message["name"], str):
             raise invalid(f"Invalid type for '{where}.name': expected a string.", f"{where}.name")
-        messages.append({"role": ROLES[role], "content": content})
+        if role == "tool" and not isinstance(message.get("tool_call_id", ""), str):
+            raise invalid(f"Invalid type for '{where}.tool_call_id': expected a string.", f"{where}.tool_call_id")
+        parsed = {"role": ROLES[role], "content": content}
+        if message.get("tool_calls") is not None:
+            parsed["tool_calls"] = message["tool_calls"]  # checked where they are rendered (tools.py)
+        messages.append(parsed)
     return messages
 
 
@@ -539,11 +551,15 @@ def add_usage(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def completion_response(base: dict[str, Any], chat: bool, text: str, finish_reason: str | None,
-                        usage: dict[str, Any], logprobs: Any = None) -> dict[str, Any]:
+                        usage: dict[str, Any], logprobs: Any = None,
+                        tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A whole (non-streamed) reply: a chat.completion with a message, or a text_completion with text. logprobs:
-    logprobs_content's list (chat) or text_completion_logprobs' object (completions)."""
+    logprobs_content's list (chat) or text_completion_logprobs' object (completions). tool_calls: the message's
+    calls instead of content."""
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+        message = {"role": "assistant", "content": None, "tool_calls": tool_calls} if tool_calls else \
+            {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message,
                   "logprobs": {"content": logprobs, "refusal": None} if logprobs is not None else None,
                   "finish_reason": finish_reason}
     else:
@@ -564,12 +580,15 @@ def text_completion_response(base: dict[str, Any], choices: list[dict[str, Any]]
 
 
 def chunk(base: dict[str, Any], chat: bool, text: str | None, finish_reason: str | None,
-          role: bool = False, logprobs: Any = None) -> dict[str, Any]:
-    """One streamed piece: chat chunks carry a delta (the first one the role), completion chunks the text."""
+          role: bool = False, logprobs: Any = None, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One streamed piece: chat chunks carry a delta (the first one the role; or tool calls, each with its
+    index), completion chunks the text."""
     if chat:
-        delta: dict[str, str] = {"role": "assistant", "content": ""} if role else {}
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
         if text:
             delta["content"] = text
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
         choice = {"index": 0, "delta": delta,
                   "logprobs": {"content": logprobs, "refusal": None} if logprobs else None,
                   "finish_reason": finish_reason}
