@@ -279,6 +279,8 @@ def run(args: argparse.Namespace) -> int:
     names = _parse_tasks(args.tasks)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 0:
+        raise ValueError(f"limit must be None or an int >= 0, got {args.limit}")
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
     data_dir = _data_dir(args.data_dir)

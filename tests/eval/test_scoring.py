@@ -257,8 +257,8 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert f"{bad}, line 2: invalid JSON" in err
     err = _cli_error(["--tasks", "arc_easy", "--data-dir", str(data)], capsys)
     assert "ARC-Easy-test.hf.jsonl" in err  # the missing file is named
-    err = _cli_error(["--tasks", "piqa,mmlu", "--data-dir", str(data)], capsys)
-    assert "unknown task(s) mmlu" in err
+    err = _cli_error(["--tasks", "piqa,triviaqa", "--data-dir", str(data)], capsys)
+    assert "unknown task(s) triviaqa" in err
     err = _cli_error(["--tasks", "piqa", "--data-dir", str(tmp_path / "nowhere")], capsys)
     assert "nowhere: no such directory" in err
     err = _cli_error(["--tasks", "piqa", "--data-dir", str(data), "--limit", "-1"], capsys)
