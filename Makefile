@@ -26,6 +26,6 @@ compare: setup
 	$(BIN)/smollm2 compare
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 .PHONY: setup compare test
