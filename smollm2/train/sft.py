@@ -85,7 +85,7 @@ class SFTTrainer(Trainer):
         if resume:
             checkpoint = load_checkpoint(self.run_dir)
             saved = type(config).from_checkpoint(checkpoint.train_config.to_dict(), checkpoint.trainer,
-                                              str(checkpoint.path / "trainer.json"))
+                                                 str(checkpoint.path / "trainer.json"))
             check_sft_resume(config, saved, checkpoint, ctx.world_size)
         else:
             existing = latest_checkpoint(self.run_dir)
