@@ -187,6 +187,26 @@ def test_the_original_tokenizer_json_gives_the_bundled_files_vocabulary(bundled_
     assert fields["chat_template"] is None
 
 
+@pytest.mark.parametrize("kind", ["f16", "q4_1"])
+def test_llama_cpp_runs_the_exports(real, exports, f16_logits, kind: str) -> None:
+    """llama.cpp itself (the optional `llamacpp` extra, never in CI): its tokenizer gives our ids, and its logits
+    are ours up to its own arithmetic. ggml multiplies F16 weights by activations rounded to f16, and quantised
+    ones by activations quantised to 8 bits (Q8_0/Q8_1 blocks), where we multiply dequantised weights in fp32:
+    measured here, f16 0.07 at most; q4_1 (the bundled file itself) 2.6 at most, 0.23 on average."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, tokenizer = real
+    llm = llama_cpp.Llama(model_path=str(exports[kind]), n_ctx=64, n_batch=64, logits_all=True, verbose=False)
+    text = "<|im_start|>user\nThe year 2024 had 366 days; naïve café<|im_end|>\n"
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text)
+    assert (llm.token_bos(), llm.token_eos()) == (1, 2)
+    llm.eval(PROMPT)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(PROMPT)], dtype=np.float32))
+    ours = f16_logits if kind == "f16" else _logits(model, PROMPT)
+    assert (theirs - ours).abs().max() < (0.25 if kind == "f16" else 4.0)
+    assert (theirs - ours).abs().mean() < (0.05 if kind == "f16" else 0.5)
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+
+
 # ---- a tiny random model --------------------------------------------------------------------------------------
 
 
