@@ -287,7 +287,7 @@ BAD_REQUESTS = [  # (endpoint, body, expected param)
     ("chat", with_(CHAT, messages=[{"role": "user", "content": 3}]), "messages[0].content"),
     ("chat", with_(CHAT, messages=[{"content": "hi"}]), "messages[0].role"),
     ("chat", with_(CHAT, messages=[{"role": "wizard", "content": "hi"}]), "messages[0].role"),
-    ("chat", with_(CHAT, messages=[{"role": "tool", "content": "hi"}]), "messages[0].role"),
+    ("chat", with_(CHAT, messages=[{"role": "function", "content": "hi"}]), "messages[0].role"),
     ("chat", with_(CHAT, messages=[{"role": "user", "content": "a", "tool_calls": []}]),
      "messages[0].tool_calls"),
     ("chat", with_(CHAT, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]),

@@ -223,18 +223,20 @@ def is_closed(sock: socket.socket) -> bool:
 def test_slowloris_connections_are_closed_and_others_served(tiny) -> None:
     """300 connections drip header bytes: each is closed after the header timeout, the server answers others
     all along, and connections past the cap are closed at once."""
-    with guarded_server(create_app(*tiny, model_name="tiny"), header_timeout=1.5,
+    header_timeout = 1.5
+    with guarded_server(create_app(*tiny, model_name="tiny"), header_timeout=header_timeout,
                         max_connections=340) as (url, port):
-        slow = []
+        slow, opened_at = [], []
         for _ in range(300):
             sock = socket.create_connection(("127.0.0.1", port), timeout=10)
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Drip: ")
             sock.setblocking(False)
             slow.append(sock)
+            opened_at.append(time.monotonic())
         try:
             opened = time.monotonic()
             served = 0
-            while time.monotonic() - opened < 1.0:  # the attack is on: real requests still get answers
+            while time.monotonic() - opened < 0.6:  # the attack is on: real requests still get answers
                 for sock in slow:
                     with contextlib.suppress(OSError):
                         sock.send(b"a")
@@ -242,7 +244,11 @@ def test_slowloris_connections_are_closed_and_others_served(tiny) -> None:
                 served += 1
                 time.sleep(0.1)
             assert served >= 1  # answered while all 300 drip (several times on an idle machine; once under load)
-            assert not any(is_closed(sock) for sock in slow)  # within the timeout, nobody is cut off
+            # within its timeout nobody is cut off: judged on the connections opened less than the timeout ago
+            # (under load, opening all 300 can itself take longer than the timeout)
+            now = time.monotonic()
+            young = [sock for sock, at in zip(slow, opened_at, strict=True) if now - at < header_timeout - 0.3]
+            assert not any(is_closed(sock) for sock in young)
             # over the cap (300 slow + 40 > 340): the newest connections are closed at once
             extra = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(60)]
             time.sleep(0.3)

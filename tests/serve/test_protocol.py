@@ -112,8 +112,10 @@ def test_parse_body_reads_an_object():
 
 
 def test_unknown_field_is_400_naming_it():
-    error = check(bad(Fields, {"model": "m", "tools": []}, CHAT_FIELDS), 400, param="tools")
-    assert "tools" in error["message"] and error["type"] == "invalid_request_error"
+    error = check(bad(Fields, {"model": "m", "functions": []}, CHAT_FIELDS), 400, param="functions")
+    assert "functions" in error["message"] and error["type"] == "invalid_request_error"
+    Fields({"model": "m", "tools": [], "tool_choice": "auto", "parallel_tool_calls": True}, CHAT_FIELDS)  # tools.py
+    check(bad(Fields, {"tools": []}, COMPLETION_FIELDS), 400, param="tools")
     # chat and completion fields differ
     check(bad(Fields, {"prompt": "hi"}, CHAT_FIELDS), 400, param="prompt")
     check(bad(Fields, {"messages": []}, COMPLETION_FIELDS), 400, param="messages")
@@ -207,9 +209,15 @@ def test_parse_messages():
                            {"role": "assistant", "content": ""}]) == \
         [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"},
          {"role": "assistant", "content": ""}]
+    # an assistant's tool calls are kept for tools.render_history; a tool's result keeps its role
+    calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    assert parse_messages([{"role": "assistant", "content": None, "tool_calls": calls},
+                           {"role": "tool", "tool_call_id": "c", "content": "42"}]) == \
+        [{"role": "assistant", "content": "", "tool_calls": calls}, {"role": "tool", "content": "42"}]
     ok = {"role": "user", "content": "hi"}
     for messages, param in [([], "messages"), ("hi", "messages"), ([ok, "hi"], "messages[1]"),
-                            ([ok, {"role": "tool", "content": "x"}], "messages[1].role"),
+                            ([ok, {"role": "function", "content": "x"}], "messages[1].role"),
+                            ([ok, {"role": "tool", "content": "x", "tool_calls": calls}], "messages[1].tool_calls"),
                             ([{"role": "user"}], "messages[0].content"),
                             ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
                              "messages[0].content"),
