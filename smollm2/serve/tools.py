@@ -112,11 +112,13 @@ def _parse_tool(tool: object, where: str) -> Tool:
     if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
         raise invalid(f"Invalid value for '{where}': expected {{\"type\": \"function\", \"function\": {{\"name\", "
                       "\"description\", \"parameters\"}}}}.", where)
-    unknown = sorted(set(tool) - {"type", "function"}) or sorted(
-        set(tool["function"]) - {"name", "description", "parameters", "strict"})
-    if unknown:
-        raise invalid(f"Unrecognized argument in '{where}': {show(unknown[0])}", f"{where}.{str(unknown[0])[:100]}")
     function = tool["function"]
+    for inside, keys, allowed in ((where, tool, {"type", "function"}),
+                                  (f"{where}.function", function, {"name", "description", "parameters", "strict"})):
+        unknown = sorted(set(keys) - allowed)
+        if unknown:
+            raise invalid(f"Unrecognized argument in '{inside}': {show(unknown[0])}",
+                          f"{inside}.{str(unknown[0])[:100]}")
     name = function.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise invalid(f"Invalid value for '{where}.function.name': {show(name)} (1 to 64 letters, digits, '_' or "
