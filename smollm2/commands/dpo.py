@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from ..train.dpo_config import DPOConfig
 from ..train.sft_config import UNUSED
-from .options import add_config_arguments
+from .options import add_config_arguments, resumed_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,24 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.checkpoint import resolve_checkpoint
     from ..train.dpo_trainer import dpo
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DPOConfig) if hasattr(args, f.name)}
     if args.resume is None:
         dpo(DPOConfig(**given))
         return 0
-    run_dir = Path(args.resume)
-    if "out" in given and Path(given["out"]) != run_dir:
-        raise ValueError(f"--out {given['out']} and --resume {run_dir}: a resumed run writes to its own directory")
-    checkpoint = resolve_checkpoint(run_dir)
-    if checkpoint.parent.parent != run_dir:
-        raise ValueError(f"--resume {run_dir}: pass the run directory ({checkpoint.parent.parent}); a run "
-                         "continues from its newest checkpoint")
-    saved = DPOConfig.from_checkpoint(json.loads((checkpoint / "train_config.json").read_text(encoding="utf-8")),
-                                      json.loads((checkpoint / "trainer.json").read_text(encoding="utf-8")),
-                                      str(checkpoint / "trainer.json"))
-    # stop_at belongs to one invocation: a resumed run goes to --steps unless told otherwise.
-    config = DPOConfig.from_dict({**dataclasses.asdict(saved), "out": str(run_dir), "stop_at": None, **given})
+    config = resumed_config(DPOConfig, Path(args.resume), given)
     dpo(config, resume=True)
     return 0

@@ -122,6 +122,27 @@ def _constraint(args: argparse.Namespace):  # -> Constraint | None
     return Constraint.regex(args.regex) if args.regex is not None else Constraint.choice(args.choice)
 
 
+def resumed_config(config_class: type, run_dir: Path, given: dict):
+    """The config a resumed fine-tuning or DPO run continues with: its newest checkpoint's settings, then the
+    flags given now. Its --out must be the run itself, passed as the run directory."""
+    import dataclasses
+    import json
+
+    from ..train.checkpoint import resolve_checkpoint
+
+    if "out" in given and Path(given["out"]) != run_dir:
+        raise ValueError(f"--out {given['out']} and --resume {run_dir}: a resumed run writes to its own directory")
+    checkpoint = resolve_checkpoint(run_dir)
+    if checkpoint.parent.parent != run_dir:
+        raise ValueError(f"--resume {run_dir}: pass the run directory ({checkpoint.parent.parent}); a run "
+                         "continues from its newest checkpoint")
+    saved = config_class.from_checkpoint(json.loads((checkpoint / "train_config.json").read_text(encoding="utf-8")),
+                                         json.loads((checkpoint / "trainer.json").read_text(encoding="utf-8")),
+                                         str(checkpoint / "trainer.json"))
+    # stop_at belongs to one invocation: a resumed run goes to --steps unless told otherwise.
+    return config_class.from_dict({**dataclasses.asdict(saved), "out": str(run_dir), "stop_at": None, **given})
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:
     """One flag per field of a config dataclass (--batch-size for batch_size), its help and default from the
     field's knob(). Flags not given are absent from args (SUPPRESS), so a resumed run keeps its own settings."""

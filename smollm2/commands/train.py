@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import typing
 from pathlib import Path
 
 from ..train.config import TrainConfig
-
-_HINTS = typing.get_type_hints(TrainConfig)
+from .options import add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,21 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="for a job scheduler that relaunches the same command: continue the run in --out from "
                              "its newest verified checkpoint if it has one (every setting must agree with the "
                              "run's), else start it")
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        kind = _HINTS[field.name]
-        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-        options = {k: v for k, v in field.metadata.items() if k != "help"}
-        help_text = field.metadata["help"] + ("" if default in ("", None) else f" (default: {default!r})")
-        # SUPPRESS: only flags actually given appear in args, so a resumed run keeps its own settings.
-        common = {"default": argparse.SUPPRESS, "help": help_text, **options}
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
-        elif kind == list[str]:
-            parser.add_argument(flag.removesuffix("s"), dest=field.name, action="append", **common)
-        else:
-            scalar = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
-            parser.add_argument(flag, type=scalar, **common)
+    add_config_arguments(parser, TrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
