@@ -186,8 +186,11 @@ class DecodeStep:
             mask = torch.ones(B, L, dtype=torch.bool, device=device)
         elif attention_mask.shape != (B, start + 1):
             raise ValueError(f"attention_mask must have shape {(B, start + 1)}, got {tuple(attention_mask.shape)}")
-        else:
-            mask = F.pad(attention_mask.bool(), (0, L - start - 1))
+        else:  # a new tensor, never a view: its strides are (L, 1) whatever the caller's mask was cut from.
+            # (The engine's mask is a slice of a wider one; F.pad by 0 at a bucket's end clones the slice's
+            # strides, and the graph of one row, which guards on them, then compiled a second time.)
+            mask = torch.zeros(B, L, dtype=torch.bool, device=device)
+            mask[:, : start + 1] = attention_mask
         if self.compiled:
             # One graph for every bucket and every cache: L is "unbacked" (the compiler may not specialise on
             # it, e.g. on L == cache length, which would make the sliced cache contiguous) and the cache length

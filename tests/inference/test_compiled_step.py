@@ -83,12 +83,17 @@ def test_compiled_step_equals_the_model_without_recompiling(tiny_config: Config)
     assert run_both(model, fast, prompts, 128) < 1e-4  # buckets 64, 128 = the cache's end
     assert fast.compile_seconds is not None and fast.compile_seconds > 0
     assert run_both(model, fast, prompts[:, :3], 100) < 1e-4  # another cache length, ending mid-bucket
+    # The engine's mask: slices of a wider bool tensor, whose strides are not a (1, L) tensor's, up to a bucket's
+    # end exactly (64, where the mask is not padded): still the same graph.
+    wide = torch.ones(1, 300, dtype=torch.bool)
+    assert run_both(model, fast, prompts, 128, attention_mask=wide) < 1e-4
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     # The engine's batches: a batch of 2 compiles once more (its size then becomes dynamic), and that graph
     # serves every larger batch and cache: two graphs in all, whatever the load.
     for rows, cache_len in ((2, 70), (3, 70), (5, 120)):
         batch = torch.randint(0, tiny_config.vocab_size, (rows, 4))
         assert run_both(model, fast, batch, cache_len) < 1e-4
+    assert run_both(model, fast, batch, 128, attention_mask=torch.ones(5, 300, dtype=torch.bool)) < 1e-4
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
 
 
