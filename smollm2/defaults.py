@@ -6,7 +6,8 @@ them from here:
 
     quant/quantize.py     MODES, DEFAULT_MODE                = QUANTIZE_MODES, DEFAULT_QUANTIZE
     inference/config.py   GenerationConfig's field defaults  = MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, MIN_P,
-                                                               REPETITION_PENALTY
+                                                               REPETITION_PENALTY, DRAFT_TOKENS, DRAFT_NGRAM
+    inference/speculative.py MODES                           = SPECULATIVE_MODES
     inference/engine.py   DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFIX_CACHE_MB = the same names
     train/prepare.py      MIN_VAL_DOCUMENTS, prepare's val_fraction = MIN_VAL_DOCUMENTS, VAL_FRACTION
     bench/inference.py    OUR_MODES, PEERS                   = QUANTIZE_MODES, BENCH_PEERS
@@ -27,6 +28,9 @@ TOP_K = 0  # 0 = off
 TOP_P = 1.0  # 1 = off
 MIN_P = 0.0  # 0 = off
 REPETITION_PENALTY = 1.0  # 1 = off
+SPECULATIVE_MODES = ("prompt-lookup",)  # speculative decoding's drafters (inference/speculative.py)
+DRAFT_TOKENS = 8  # tokens drafted at most per verify forward (k)
+DRAFT_NGRAM = 3  # the longest suffix matched when drafting (n, tried down to 1)
 
 # ---- training data (train/prepare.py: `smollm2 prepare`) -------------------------------------------------------
 VAL_FRACTION = 0.1  # share of the tokens held out for validation

@@ -13,7 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..defaults import MAX_NEW_TOKENS, MIN_P, REPETITION_PENALTY, TEMPERATURE, TOP_K, TOP_P  # (--help shows them)
+from ..defaults import (  # (--help shows them)
+    DRAFT_NGRAM,
+    DRAFT_TOKENS,
+    MAX_NEW_TOKENS,
+    MIN_P,
+    REPETITION_PENALTY,
+    SPECULATIVE_MODES,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+)
 
 if TYPE_CHECKING:
     from .constraints import Constraint
@@ -38,6 +48,11 @@ class GenerationConfig:
     ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks want exactly max_new_tokens)
     constraint: Constraint | None = None  # the text must match it: a JSON schema, regex, choice (constraints.py)
     logprobs: int | None = None  # record each new token's log-probability and this many top alternatives (0-20)
+    # "prompt-lookup": draft tokens by copying from the prompt and output, verify them in one forward (the
+    # same tokens at temperature 0, the same distribution sampled; speculative.py); None = off
+    speculative: str | None = None
+    draft_tokens: int = DRAFT_TOKENS  # speculative: tokens drafted at most per verify forward (k)
+    draft_ngram: int = DRAFT_NGRAM  # speculative: the longest suffix looked up (n, then n - 1 ... 1)
 
     def __post_init__(self) -> None:
         # Normalise the forms a caller may reasonably pass: one stop string or id, lists instead of tuples.
@@ -80,6 +95,11 @@ class GenerationConfig:
             check_int("logprobs", self.logprobs, minimum=0, hint=" (the number of top alternatives) or None")
             if self.logprobs > MAX_TOP_LOGPROBS:
                 raise ValueError(f"logprobs must be at most {MAX_TOP_LOGPROBS} alternatives, got {self.logprobs}")
+        if self.speculative is not None and self.speculative not in SPECULATIVE_MODES:
+            raise ValueError(f"speculative must be None or one of {', '.join(map(repr, SPECULATIVE_MODES))}, "
+                             f"got {self.speculative!r}")
+        check_int("draft_tokens", self.draft_tokens, minimum=1, hint=" (tokens drafted per verify forward)")
+        check_int("draft_ngram", self.draft_ngram, minimum=1, hint=" (the longest suffix looked up)")
 
     @property
     def stop_ids(self) -> tuple[int, ...]:

@@ -11,6 +11,10 @@ token, a stop token id, a stop string or after max_new_tokens; the stream's `fin
 "length", as OpenAI's API does. Stop tokens are not yielded; the token that completes a stop string is (it may
 carry text before the stop string), and the text helpers cut the text at the stop string.
 
+`speculative="prompt-lookup"` (one prompt at a time) drafts tokens by copying from the prompt and output and
+verifies them in one forward of several positions (speculative.py); the tokens still go through the same
+loop and the same SequenceState, one at a time, so stopping, penalties and streaming are unchanged.
+
 Each row's state (its tokens, text, random generator, penalty and finish reason) is a `stopping.SequenceState`,
 the same one the batching engine keeps per request. The per-token work is a `StepFn`: `decode_step`, the
 model's forward for one token, or `compiled_step.DecodeStep`, the same forward compiled, which `load(compile=True)`
@@ -30,6 +34,7 @@ import torch
 from ..config import Config
 from ..kv_cache import KVCache
 from .config import GenerationConfig, make_config
+from .speculative import PromptLookup, SpeculationStats, accept, verify_forward
 from .stopping import (
     SequenceState,
     TextDecoder,
@@ -91,14 +96,16 @@ class Stream(Generic[Item]):
     prompt_ids: the prompt's token ids. new_ids: the ids generated so far (stop and EOS tokens excluded).
     finish_reason: None while running (or if closed early), then "stop" (an EOS token, a stop token, a stop
     string or a constraint complete) or "length" (max_new_tokens reached). logprobs: a TokenLogprob per new id
-    when `logprobs` was asked for.
+    when `logprobs` was asked for. speculation: with speculative="prompt-lookup", the SpeculationStats (drafts
+    verified, drafted, accepted), updated as generation goes; None otherwise.
     """
 
     def __init__(self, prompt_ids: list[int], new_ids: list[int] | None = None,
-                 logprobs: list[TokenLogprob] | None = None) -> None:
+                 logprobs: list[TokenLogprob] | None = None, speculation: SpeculationStats | None = None) -> None:
         self.prompt_ids = prompt_ids
         self.new_ids = new_ids if new_ids is not None else []
         self.logprobs = logprobs if logprobs is not None else []
+        self.speculation = speculation
         self.finish_reason: str | None = None
         self._items: Iterator[Item] = iter(())
 
@@ -239,17 +246,24 @@ def start_rows(
     return [SequenceState(p, config, stop_ids, tokenizer, device, model.config.vocab_size) for p in prompts]
 
 
-def _decode_loop(model: SmolLM2, rows: list[SequenceState], step_fn: StepFn) -> Iterator[list[tuple[int, str]]]:
-    """Generate for rows (left-padded into one batch) until all have finished; yield, per step, each row's
-    (token, text) pair, (-1, "") for a row that had already finished.
+def _decode_loop(
+    model: SmolLM2, rows: list[SequenceState], step_fn: StepFn, drafter: PromptLookup | None = None
+) -> Iterator[list[tuple[int, str]]]:
+    """Generate for rows (left-padded into one batch) until all have finished; yield, per token chosen, each
+    row's (token, text) pair, (-1, "") for a row that had already finished.
 
     A row's text is what `SequenceState.push` returned; its token is -1 too when it was a stop token (those are
     not output). Rows that finish early keep their place in the batch until all have finished.
+
+    drafter (one row only): speculative decoding (speculative.py). Each forward then feeds the last chosen
+    token and the drafted ones after it, and `speculative.accept` chooses and pushes from one to all of them
+    plus one; with no draft the forward is the usual decode step, and choosing is plain decoding's.
     """
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     prompts = [row.prompt_ids for row in rows]
     B, T = len(prompts), max(len(p) for p in prompts)
+    assert drafter is None or B == 1, "speculative decoding runs one row"
     steps = max(row.config.max_new_tokens for row in rows)
     total = T + steps
     pad_id = model.config.pad_token_id or 0  # any id works: padded positions are masked out
@@ -258,33 +272,51 @@ def _decode_loop(model: SmolLM2, rows: list[SequenceState], step_fn: StepFn) -> 
     cache = KVCache(model.config, B, total, dtype=dtype, device=device)
 
     logits = prefill(model, input_ids, cache, positions, mask[:, :T] if mask is not None else None)
-    for step in range(steps):
-        tokens = next_tokens(rows, logits)  # (a finished row's token is computed and ignored)
-        out = []
-        for row, token in zip(rows, tokens, strict=True):
-            if row.done:
-                out.append((-1, ""))
-                continue
-            kept = len(row.new_ids)
-            text = row.push(token)
-            out.append((token if len(row.new_ids) > kept else -1, text))
-        yield out
+    drafts: list[int] = []  # the drafted tokens fed after the last chosen one (speculation only)
+    chosen = 0  # tokens chosen per row so far
+    while True:
+        if drafter is None:
+            tokens = next_tokens(rows, logits)  # (a finished row's token is computed and ignored)
+            out = []
+            for row, token in zip(rows, tokens, strict=True):
+                if row.done:
+                    out.append((-1, ""))
+                    continue
+                kept = len(row.new_ids)
+                text = row.push(token)
+                out.append((token if len(row.new_ids) > kept else -1, text))
+            chosen += 1
+            yield out
+        else:  # logits (len(drafts) + 1, vocab): one row's predictions after its last token and each draft
+            for pair in accept(rows[0], drafter, logits, drafts):
+                chosen += 1
+                yield [pair]
+            tokens = rows[0].new_ids[-1:]  # the last one chosen (a stop token would have finished the row)
         if all(row.done for row in rows):
             return
-        start = T + step  # the cache position of the token just sampled
+        start = T + chosen - 1  # the cache position of the last token chosen; rejected drafts lie after it
+        drafts = drafter.draft(rows[0].remaining - 1) if drafter is not None else []
+        if drafts:  # the last token and the drafts, in one forward (verify_forward says why it is eager)
+            logits = verify_forward(model, [*tokens, *drafts], cache, start)
+            continue
         logits = step_fn(model, torch.tensor(tokens, device=device)[:, None], cache, start,
-                         lengths + step if mask is not None else None,
+                         lengths + chosen - 1 if mask is not None else None,
                          mask[:, : start + 1] if mask is not None else None)
 
 
 def _generate_one(
     model: SmolLM2, prompt_ids: Sequence[int] | torch.Tensor, tokenizer: Tokenizer | None,
     config: GenerationConfig, step: StepFn | None,
-) -> tuple[SequenceState, Iterator[tuple[int, str]]]:
-    """The state of one prompt's generation and the iterator of its (token, text) pairs; checked first."""
+) -> tuple[SequenceState, Iterator[tuple[int, str]], SpeculationStats | None]:
+    """The state of one prompt's generation, the iterator of its (token, text) pairs and, when speculating,
+    the drafting statistics; checked first."""
     (prompt,) = check_prompts([prompt_ids], config, model.config, tokenizer)
     (row,) = start_rows(model, [prompt], config, tokenizer)
-    return row, (pair for (pair,) in _decode_loop(model, [row], step_for(model, step)))
+    drafter = None
+    if config.speculative == "prompt-lookup":
+        drafter = PromptLookup(prompt, config.draft_tokens, config.draft_ngram)
+    pairs = (pair for (pair,) in _decode_loop(model, [row], step_for(model, step), drafter))
+    return row, pairs, drafter.stats if drafter is not None else None
 
 
 def generate(
@@ -304,8 +336,8 @@ def generate(
     model call.
     """
     config = make_config(config, **options)
-    row, pairs = _generate_one(model, prompt_ids, tokenizer, config, step)
-    stream: Stream[int] = Stream(row.prompt_ids, row.new_ids, row.logprobs)
+    row, pairs, stats = _generate_one(model, prompt_ids, tokenizer, config, step)
+    stream: Stream[int] = Stream(row.prompt_ids, row.new_ids, row.logprobs, stats)
 
     def items() -> Iterator[int]:
         for token, _ in pairs:
@@ -333,9 +365,15 @@ def generate_batch(
     finished.
     """
     config = make_config(config, **options)
+    if config.speculative is not None and len(prompts) > 1:
+        raise ValueError(f"speculative={config.speculative!r} decodes one prompt at a time, got {len(prompts)} "
+                         "prompts: use generate() per prompt, or speculative=None for a batch")
     checked = check_prompts(prompts, config, model.config, tokenizer)
     rows = start_rows(model, checked, config, tokenizer)
-    for _ in _decode_loop(model, rows, step_for(model, step)):
+    drafter = None
+    if config.speculative == "prompt-lookup":
+        drafter = PromptLookup(checked[0], config.draft_tokens, config.draft_ngram)
+    for _ in _decode_loop(model, rows, step_for(model, step), drafter):
         pass
     return [row.new_ids for row in rows]
 
@@ -352,8 +390,8 @@ def stream_text(
     """Generate after prompt (text, or token ids) and yield the new text in pieces, as it is produced."""
     config = make_config(config, **options)
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-    row, pairs = _generate_one(model, prompt_ids, tokenizer, config, step)
-    stream: Stream[str] = Stream(row.prompt_ids, row.new_ids, row.logprobs)
+    row, pairs, stats = _generate_one(model, prompt_ids, tokenizer, config, step)
+    stream: Stream[str] = Stream(row.prompt_ids, row.new_ids, row.logprobs, stats)
 
     def items() -> Iterator[str]:
         for _, text in pairs:
