@@ -182,6 +182,25 @@ class Engine:
             self._thread = threading.Thread(target=self._run, name="smollm2-engine", daemon=True)
             self._thread.start()
 
+    def warm_up(self) -> float:
+        """Run the decode step once for one row and once for two, on a scratch cache, before any request. A
+        compiled step (`smollm2 serve`'s default) then builds its two graphs (one row; every larger batch)
+        here, so the first requests do not wait for a compile (minutes on 2 cores the first time, seconds
+        from inductor's on-disk cache after). Nothing is kept; the eager step just runs. Returns the seconds."""
+        if self._thread is not None:
+            raise RuntimeError("warm_up() runs before start(): the engine thread owns the step once started")
+        t0 = time.perf_counter()
+        with torch.inference_mode():  # as on the engine thread: a compiled graph guards on the tensors' mode
+            columns = min(self.context_length, 256)  # the engine's smallest cache (_grow)
+            scratch = KVCache(self.model.config, 2, columns, self.dtype, self.device)
+            for rows in (1, 2):  # the first rows of a bigger cache, as the engine's views are
+                view = KVCache.from_layers([LayerCache(layer.k[:rows], layer.v[:rows]) for layer in scratch.layers])
+                tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+                positions = torch.ones(rows, 1, dtype=torch.long, device=self.device)
+                mask = torch.ones(rows, 2, dtype=torch.bool, device=self.device)
+                self.step(self.model, tokens, view, 1, positions, mask)
+        return time.perf_counter() - t0
+
     def shutdown(self, timeout: float | None = 10.0) -> None:
         """Stop the thread; jobs still waiting or running are cancelled (the server drains them first)."""
         with self._wake:

@@ -208,9 +208,12 @@ def test_queue_limit_and_bad_requests(model, tokenizer) -> None:
         Engine(model, tokenizer, max_batch=0)
 
 
-def test_compiled_step_in_the_engine(model, tokenizer, engine_of) -> None:
+def test_compiled_step_in_the_engine(model, tokenizer) -> None:
     """With the model's compiled step (load(compile=True) attaches it), the engine decodes through it: the
-    same greedy tokens as the eager generate, for rows joining a running batch (batch sizes 1 to 3)."""
+    same greedy tokens as the eager generate, for rows joining a running batch (batch sizes 1 to 3), with no
+    compile after warm_up() (the server's start) built the step's two graphs."""
+    from torch._dynamo.utils import counters
+
     from smollm2.inference.compiled_step import compile_decoding
 
     prompts = prompts_of([4, 9, 2], seed=5)
@@ -218,7 +221,16 @@ def test_compiled_step_in_the_engine(model, tokenizer, engine_of) -> None:
     expected = [alone(model, tokenizer, p, config)[0] for p in prompts]
     compile_decoding(model)
     requests = [(p, config) for p in prompts]
+    engine = Engine(model, tokenizer, max_batch=3)
+    counters.clear()
     # (compiling twice, for 1 row and for more, takes ~20-60 s, minutes on a busy machine)
-    got = [job.new_ids for job, _ in run_all(engine_of(max_batch=3), requests, timeout=900)]
+    assert engine.warm_up() > 0
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    engine.start()
+    try:
+        got = [job.new_ids for job, _ in run_all(engine, requests, timeout=900)]
+    finally:
+        engine.shutdown()
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # no compile while serving
     assert model.compiled_step.compile_seconds is not None  # it did run
     assert got == expected

@@ -619,3 +619,19 @@ def test_serve_cli_defaults():
     assert (args.host, args.port, args.source) == ("127.0.0.1", 8000, None)
     assert args.max_concurrency >= 1 and args.max_queue >= 0
     assert (args.quantize, args.compile) == (DEFAULT_MODE, True) == ("int4", True)  # the fast path by default
+
+
+@pytest.mark.parametrize("compile_flag", ["--compile", "--no-compile"])
+def test_serve_compiles_its_step_before_answering(tiny, monkeypatch, compile_flag: str):
+    """With --compile (the default) the engine is warmed up, its graphs built, before the server starts
+    listening (test_engine.py checks that no compile follows); with --no-compile it is not."""
+    from smollm2.cli import main
+    from smollm2.commands import serve
+    from smollm2.inference.engine import Engine
+
+    events = []
+    monkeypatch.setattr(serve, "load_for_inference", lambda args: tiny)
+    monkeypatch.setattr(Engine, "warm_up", lambda self: events.append("warm_up") or 1.0)
+    monkeypatch.setattr("smollm2.serve.run_server", lambda app, host, port, **options: events.append("listen"))
+    assert main(["serve", compile_flag]) == 0
+    assert events == (["warm_up", "listen"] if compile_flag == "--compile" else ["listen"])
