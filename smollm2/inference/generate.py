@@ -34,7 +34,7 @@ import torch
 from ..config import Config
 from ..kv_cache import KVCache
 from .config import GenerationConfig, make_config
-from .speculative import PromptLookup, SpeculationStats, accept, verify_forward
+from .speculative import PromptLookup, SpeculationStats, accept, drafter_for, verify_forward
 from .stopping import (
     SequenceState,
     TextDecoder,
@@ -312,9 +312,7 @@ def _generate_one(
     the drafting statistics; checked first."""
     (prompt,) = check_prompts([prompt_ids], config, model.config, tokenizer)
     (row,) = start_rows(model, [prompt], config, tokenizer)
-    drafter = None
-    if config.speculative == "prompt-lookup":
-        drafter = PromptLookup(prompt, config.draft_tokens, config.draft_ngram)
+    drafter = drafter_for(config, prompt)
     pairs = (pair for (pair,) in _decode_loop(model, [row], step_for(model, step), drafter))
     return row, pairs, drafter.stats if drafter is not None else None
 
@@ -333,7 +331,8 @@ def generate(
     Options are GenerationConfig fields (they override `config`). tokenizer is needed for stop strings and
     adds its EOS id to the model config's. step computes one decode step; None = the model's compiled step
     where `load(compile=True)` made one, else `decode_step`. Everything is checked here, before the first
-    model call.
+    model call. speculative="prompt-lookup" (draft_tokens, draft_ngram) drafts and verifies several tokens per
+    forward: the same tokens at temperature 0, the same distribution sampled; `stream.speculation` counts them.
     """
     config = make_config(config, **options)
     row, pairs, stats = _generate_one(model, prompt_ids, tokenizer, config, step)
@@ -370,9 +369,7 @@ def generate_batch(
                          "prompts: use generate() per prompt, or speculative=None for a batch")
     checked = check_prompts(prompts, config, model.config, tokenizer)
     rows = start_rows(model, checked, config, tokenizer)
-    drafter = None
-    if config.speculative == "prompt-lookup":
-        drafter = PromptLookup(checked[0], config.draft_tokens, config.draft_ngram)
+    drafter = drafter_for(config, checked[0])
     for _ in _decode_loop(model, rows, step_for(model, step), drafter):
         pass
     return [row.new_ids for row in rows]

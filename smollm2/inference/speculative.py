@@ -54,9 +54,10 @@ from .stopping import SequenceState, TokenLogprob
 if TYPE_CHECKING:
     from ..kv_cache import KVCache
     from ..model import SmolLM2
+    from .config import GenerationConfig
 
 __all__ = ["MODES", "NgramIndex", "PromptLookup", "SpeculationStats", "accept", "accept_or_resample", "choose",
-           "target_probabilities", "verify_forward"]
+           "drafter_for", "target_probabilities", "verify_forward"]
 MAX_PAUSE = 16  # decode steps at most without drafting after repeated misses
 
 
@@ -143,6 +144,14 @@ class PromptLookup:
             self.pause = min(2 ** (self.misses - 1) - 1, MAX_PAUSE)  # 0, 1, 3, 7, 15, 16, ...
         else:
             self.misses = 0
+
+
+def drafter_for(config: GenerationConfig, prompt_ids: Sequence[int]) -> PromptLookup | None:
+    """The drafter config.speculative asks for (None when it is off)."""
+    if config.speculative == "prompt-lookup":
+        return PromptLookup(prompt_ids, config.draft_tokens, config.draft_ngram)
+    assert config.speculative is None, config.speculative  # (GenerationConfig checked it)
+    return None
 
 
 # ---- verify and accept -----------------------------------------------------------------------------------

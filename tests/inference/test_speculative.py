@@ -137,6 +137,13 @@ class ScriptedModel(nn.Module):
         return logits[:, -1] if output == "last_logits" else logits
 
 
+def random_model(config: Config) -> SmolLM2:
+    torch.manual_seed(0)
+    model = SmolLM2(config)
+    model.init_weights()
+    return model.eval()
+
+
 PROMPT = [10, 11, 12, 13, 14, 15, 16, 17, 10, 11]
 COPY = [12, 13, 14, 15, 16, 17, 10, 11, 12, 13, 14, 15, 16, 17]  # the reply continues the repeat
 
@@ -213,6 +220,29 @@ def test_sampled_speculation_is_reproducible_and_stops(tiny_config: Config) -> N
     assert runs[0] == runs[1] == COPY[:10]  # one-hot logits: every draw is the scripted token
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logprobs_are_recorded_for_drafted_tokens(tiny_config: Config, temperature: float) -> None:
+    model = ScriptedModel(tiny_config, COPY)
+    plain, spec, stream = both(model, PROMPT, max_new_tokens=8, ignore_eos=True, logprobs=2, seed=1,
+                               temperature=temperature)
+    assert spec == plain == COPY[:8] and stream.speculation.accepted > 0
+    assert [r.token for r in stream.logprobs] == spec and all(r.logprob == 0.0 for r in stream.logprobs)
+    assert all(len(r.top) == 2 and r.top[0] == (t, 0.0) for r, t in zip(stream.logprobs, spec, strict=True))
+
+
+def test_repetition_penalty_greedy_as_plain(tiny_config: Config) -> None:
+    """The penalty changes the target after every accepted draft (the drafted token is then 'seen'): choosing
+    position by position, after pushing the tokens before, gives plain decoding's tokens."""
+    model = random_model(tiny_config)
+    prompt = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]
+    for penalty in (0.7, 1.3):  # < 1 makes repeats likelier: drafts get accepted
+        plain = list(generate(model, prompt, max_new_tokens=30, ignore_eos=True, repetition_penalty=penalty))
+        stream = generate(model, prompt, max_new_tokens=30, ignore_eos=True, repetition_penalty=penalty,
+                          speculative=SPEC)
+        assert list(stream) == plain, penalty
+        assert stream.speculation.verifies > 0
+
+
 # ---- options, batches, the eager bucketed step ---------------------------------------------------------
 
 
@@ -244,13 +274,6 @@ def test_cli_flag_maps_to_the_config() -> None:
     with pytest.raises(ValueError, match="draft_ngram must be an integer >= 1"):
         args = parser.parse_args(["generate", "hi", "--speculative", "--draft-ngram", "0"])
         args.run(args)  # the config is checked before the model loads
-
-
-def random_model(config: Config) -> SmolLM2:
-    torch.manual_seed(0)
-    model = SmolLM2(config)
-    model.init_weights()
-    return model.eval()
 
 
 def test_mixed_with_the_bucketed_decode_step(tiny_config: Config) -> None:
