@@ -44,10 +44,16 @@ build of its own, the same ops on the same packed weights with the same maths: t
 integer sums, only float sums in another order (tests/quant/test_kernels.py checks both builds against one
 torch reference, bit for bit on inputs that make every float operation exact). Its integer dot product is
 vpmaddubsw + vpmaddwd on the two 32-byte halves of each 64-byte chunk (rows 0-7, 8-15); matmul_avx2.cpp
-says why the int16 pairs never saturate. bf16_mm has no AVX2 version (no bf16 dot product): bf16 mode keeps
-plain bf16 layers there. Measured on a 2-core AMD EPYC (AVX2, no AVX-512), one thread: q4 at one row 3-6x
-faster than torch's int4 kernel (960 x 576: 29 against 126 us; the 49152 x 576 head in q8 at the memory
-bandwidth), at 512 rows 1.7-3.2x torch's and 0.8-1.7x the fp32 GEMM (BENCHMARKS.md, taken under load).
+says why the int16 pairs never saturate. Its matmuls run all of a call's rows (a batched decode step's B
+rows, one token each, or a prefill) through each 16-row block while the block is in L1, in tiles of up to 4
+rows over both halves at once (one broadcast activation feeds both), the block's codes unpacked once into a
+per-thread buffer when 3 tiles or more read them: each weight is read from memory once per call, whatever
+the number of rows, and a row's result is the same bits in any batch. From ~4 rows on a call is bound by
+the integer multiply-adds, not by memory (benchmarks/batched_matmul.py). bf16_mm has no AVX2 version (no
+bf16 dot product): bf16 mode keeps plain bf16 layers there. Measured on a 2-core AMD EPYC (AVX2, no
+AVX-512), one thread: q4 at one row 3-6x faster than torch's int4 kernel (960 x 576: 29 against 126 us; the
+49152 x 576 head in q8 at the memory bandwidth), at 512 rows 1.7-3.2x torch's and 0.8-1.7x the fp32 GEMM
+(BENCHMARKS.md, taken under load).
 
 The C++ lives in smollm2/quant/csrc/ (package data): ops.cpp declares the ops (`torch.ops.smollm2.*`); the
 AVX-512 build compiles it with matmul.cpp (q4_mm, q8_mm, bf16_mm, f32_mv) and decode_attention.cpp, which

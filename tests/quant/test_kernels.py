@@ -210,9 +210,10 @@ def test_quantised_kernels_match_float_maths(rows: int, shape: tuple[int, int]) 
 
 
 def test_quantised_kernels_give_a_row_the_same_result_in_any_batch() -> None:
-    """A prefill's rows go through the kernels 4 at a time, a decode step's one: the same numbers either way."""
+    """The kernels take rows in tiles of up to 4 (a decode step of one row: a tile of 1): the same numbers
+    whichever tile a row falls in."""
     kernels_or_skip()
-    w, x = torch.randn(96, 128), torch.randn(7, 128)  # 7 rows: one tile of 4, then 3 one by one
+    w, x = torch.randn(96, 128), torch.randn(7, 128)  # 7 rows: a tile of 4, then one of 3
     for layer in (Q4Linear.from_float(w), Q8Linear.from_float(w)):
         whole = layer(x)
         assert all(torch.equal(whole[i], layer(x[i : i + 1])[0]) for i in range(7))
@@ -341,14 +342,8 @@ def test_q4_kernel_is_the_reference_maths_bit_for_bit(M: int) -> None:
     """With exact inputs the kernel's q4 result equals the reference to the bit: codes 0..15 (rows of all 15
     against all +-127: the largest int16 pair sums), fp16 scales 2^-4, 2^-5 and zeros k/32, all tile paths."""
     kernels_or_skip()
-    N, K = 48, 576
-    codes = torch.randint(0, 16, (N, K))
-    codes[:16] = 15
-    codes[16, :32] = 0
-    d = torch.where(torch.rand(N, K // 32) < 0.5, 2.0**-4, 2.0**-5)
-    z = torch.randint(-16, 17, (N, K // 32)) / 32
-    layer = Q4Linear(kernels.pack_q4(codes), kernels.pack_groups(d), kernels.pack_groups(z), N, K)
-    x = exact_activations(M, K)
+    layer, (codes, d, z) = exact_q4_layer()
+    x = exact_activations(M, layer.in_features)
     expected = reference_mm(x, codes, d, z)
     assert torch.equal(layer(x), expected.float())
     assert torch.equal(layer(x.to(torch.bfloat16)), expected.to(torch.bfloat16))  # (these x are exact in bf16)
@@ -359,13 +354,62 @@ def test_q8_kernel_is_the_reference_maths_bit_for_bit(M: int) -> None:
     """Every int8 code -128..127, rows of all -128 and all 127 against all +-127 (the largest maddubs pairs
     of the AVX2 path: 2 x 128 x 127), fp16 scales 2^-6, 2^-7: equal to the reference to the bit."""
     kernels_or_skip()
-    N, K = 64, 256
+    layer, (codes, d) = exact_q8_layer()
+    x = exact_activations(M, layer.in_features)
+    assert torch.equal(layer(x), reference_mm(x, codes, d, None).float())
+
+
+def exact_q4_layer(N: int = 48, K: int = 576) -> tuple[Q4Linear, tuple[torch.Tensor, ...]]:
+    """A q4 layer whose float maths is exact on exact_activations, and its codes, scales and zeros: codes
+    0..15 with rows of all 15 (the largest int16 pair sums) and a group of 0s, fp16 scales 2^-4 and 2^-5,
+    zeros k/32."""
+    codes = torch.randint(0, 16, (N, K))
+    codes[:16] = 15
+    codes[16, :32] = 0
+    d = torch.where(torch.rand(N, K // 32) < 0.5, 2.0**-4, 2.0**-5)
+    z = torch.randint(-16, 17, (N, K // 32)) / 32
+    return Q4Linear(kernels.pack_q4(codes), kernels.pack_groups(d), kernels.pack_groups(z), N, K), (codes, d, z)
+
+
+def exact_q8_layer(N: int = 64, K: int = 256) -> tuple[Q8Linear, tuple[torch.Tensor, ...]]:
+    """A q8 layer exact on exact_activations: every code -128..127, rows of all -128 and all 127, fp16
+    scales 2^-6 and 2^-7."""
     codes = torch.randint(-128, 128, (N, K))
     codes[:16], codes[16:32] = -128, 127
     d = torch.where(torch.rand(N, K // 32) < 0.5, 2.0**-6, 2.0**-7)
-    layer = Q8Linear(kernels.pack_q8(codes), kernels.pack_groups(d), N, K)
-    x = exact_activations(M, K)
-    assert torch.equal(layer(x), reference_mm(x, codes, d, None).float())
+    return Q8Linear(kernels.pack_q8(codes), kernels.pack_groups(d), N, K), (codes, d)
+
+
+@pytest.mark.parametrize("M", [2, 5, 16, 33, 64])
+def test_a_batch_of_rows_is_the_reference_maths_and_each_row_alone(M: int) -> None:
+    """A batched decode step (2-64 rows, one token each): every 16-row weight block is read once for all the
+    rows, in tiles of up to 4 (from 9 rows on, the block unpacked once first). The result is still the
+    reference maths, to the bit on exact inputs, and on random ones every row equals that row run alone."""
+    kernels_or_skip()
+    q4, (codes, d, z) = exact_q4_layer()
+    x = exact_activations(M, q4.in_features)
+    assert torch.equal(q4(x), reference_mm(x, codes, d, z).float())
+    q8, (codes8, d8) = exact_q8_layer()
+    x8 = exact_activations(M, q8.in_features)
+    assert torch.equal(q8(x8), reference_mm(x8, codes8, d8, None).float())
+    N, K = 960, 576  # the fused q/k/v projection: 60 blocks, shared by the threads
+    w = torch.randn(N, K) * 0.05 + torch.linspace(-0.02, 0.02, K)
+    codes, scales, zeros = quantize_int4(w, 32)
+    codes8, scales8 = quantize_int8(w, 32)
+    for layer, expected_of in ((Q4Linear.from_float(w), lambda x: reference_mm(x, codes, scales.half().float(),
+                                                                                zeros.half().float())),
+                               (Q8Linear.from_float(w), lambda x: reference_mm(x, codes8, scales8.half().float(),
+                                                                                None))):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = (torch.randn(M, K) * 3).to(dtype)
+            y = layer(x)
+            assert y.dtype == dtype
+            assert all(torch.equal(y[i], layer(x[i : i + 1])[0]) for i in range(M))  # each row alone
+            expected = expected_of(x)
+            if dtype == torch.float32:
+                torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+            else:  # the same, rounded to bf16 once
+                torch.testing.assert_close(y.double(), expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize(("M", "N", "K"), [(1, 16, 32), (2, 960, 576), (6, 576, 1536), (13, 80, 96)])

@@ -32,18 +32,18 @@ namespace smollm2 {
 namespace avx2 {
 namespace {
 
-// Activations quantised per group of 32, as in matmul.cpp: xq int8, and per (row, group) the scale, the sum
-// of xq and the sum of x.
+// Activations quantised per group of 32, as in matmul.cpp: xq int8, and per (row, group) the scale, 8 x the
+// sum of xq and the sum of x.
 struct Acts {
   std::vector<int8_t> xq;
   std::vector<float> scale, sum_x;
-  std::vector<int32_t> sum_q;
+  std::vector<int32_t> sum_q8;  // 8 x the sum of xq (q4's centring)
 };
 
 template <typename T>
 void quantize_rows(const T* x, int64_t M, int64_t K, Acts& a) {
   const int64_t G = K / 32;
-  a.xq.resize(M * K); a.scale.resize(M * G); a.sum_x.resize(M * G); a.sum_q.resize(M * G);
+  a.xq.resize(M * K); a.scale.resize(M * G); a.sum_x.resize(M * G); a.sum_q8.resize(M * G);
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' per-lane interleave
   at::parallel_for(0, M * G, 2048, [&](int64_t i0, int64_t i1) {  // i = row * G + group
@@ -60,7 +60,7 @@ void quantize_rows(const T* x, int64_t M, int64_t K, Acts& a) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(&a.xq[i * 32]), _mm256_permutevar8x32_epi32(bytes, order));
       a.scale[i] = amax / 127.f;
       a.sum_x[i] = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
-      a.sum_q[i] = hsum(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+      a.sum_q8[i] = 8 * hsum(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
     }
   });
 }
@@ -69,40 +69,71 @@ inline __m256i bcast4(const int8_t* p) {  // 4 int8 activations to every 32-bit 
   int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v);
 }
 
-// q4: codes [N/16][G][4][64] bytes, d and z [N/16][G][16] fp16; w = d * (q - 8) + z. Rows 8*h0 .. of one row
-// block (NH halves of 8 rows: 1 or 2) against MR activation rows m0..; acc[m][hh] holds 8 outputs. A prefill
-// takes MR = 4 rows one half at a time (the other half's codes are then read again, from L1); a decode row
-// takes both halves at once (two independent chains).
-template <int MR, int NH>
-inline void q4_tile(const uint8_t* c, const at::Half* d, const at::Half* z, const Acts& a, int64_t m0, int64_t K,
-                    int64_t G, int h0, __m256 (*acc)[2]) {
+// One row block's weights made ready for vpmaddubsw, once for all the activation rows of a call (see run_blocks):
+// q4, 16 vectors a group: chunk p, half hh -> [low nibbles, high nibbles]; q8, 32 a group: chunk j, half hh ->
+// [signed code, |code|].
+constexpr int Q4_VECS = 16, Q8_VECS = 32;
+
+inline void unpack_q4(const uint8_t* c, int64_t G, __m256i* u) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int64_t i = 0; i < G * 8; ++i, c += 32, u += 2) {  // 8 half-chunks of 32 bytes per group, in order
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
+    _mm256_storeu_si256(u, _mm256_and_si256(v, low));
+    _mm256_storeu_si256(u + 1, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+  }
+}
+
+inline void unpack_q8(const uint8_t* c, int64_t G, __m256i* u) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t i = 0; i < G * 16; ++i, c += 32, u += 2) {
+    const __m256i code = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)), flip);
+    _mm256_storeu_si256(u, code);
+    _mm256_storeu_si256(u + 1, _mm256_abs_epi8(code));
+  }
+}
+
+// q4: codes [N/16][G][4][64] bytes, d and z [N/16][G][16] fp16; w = d * (q - 8) + z. All 16 rows of one row
+// block (two halves of 8 rows) against MR activation rows m0..; acc[m][hh] holds 8 outputs. With PRE the codes
+// come unpacked from u (unpack_q4), else straight from c. Each unpacked vector feeds MR rows and each
+// broadcast activation both halves.
+template <int MR, bool PRE>
+inline void q4_tile(const uint8_t* c, const __m256i* u, const at::Half* d, const at::Half* z, const Acts& a,
+                    int64_t m0, int64_t K, int64_t G, __m256 (*acc)[2]) {
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const int8_t* xq = a.xq.data() + m0 * K;
   for (int m = 0; m < MR; ++m)
-    for (int hh = 0; hh < NH; ++hh) acc[m][hh] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; ++g, c += 256) {
-    __m256i s16[MR][NH];  // int16 pair sums: at most 8 x 3810 over the group (see the top of the file)
+    for (int hh = 0; hh < 2; ++hh) acc[m][hh] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g, c += 256, u += Q4_VECS) {
+    __m256i s16[MR][2];  // int16 pair sums: at most 8 x 3810 over the group (see the top of the file)
     for (int m = 0; m < MR; ++m)
-      for (int hh = 0; hh < NH; ++hh) s16[m][hh] = _mm256_setzero_si256();
+      for (int hh = 0; hh < 2; ++hh) s16[m][hh] = _mm256_setzero_si256();
 #pragma GCC unroll 4
     for (int p = 0; p < 4; ++p) {
-      for (int hh = 0; hh < NH; ++hh) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + p * 64 + (h0 + hh) * 32));
-        const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-        for (int m = 0; m < MR; ++m) {
-          const int8_t* x = xq + m * K + g * 32 + 8 * p;
-          const __m256i prod = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(x)),
-                                                _mm256_maddubs_epi16(hi, bcast4(x + 4)));
-          s16[m][hh] = _mm256_add_epi16(s16[m][hh], prod);
+      __m256i lo[2], hi[2];
+      for (int hh = 0; hh < 2; ++hh) {
+        if constexpr (PRE) {
+          lo[hh] = _mm256_loadu_si256(u + (2 * p + hh) * 2);
+          hi[hh] = _mm256_loadu_si256(u + (2 * p + hh) * 2 + 1);
+        } else {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + p * 64 + hh * 32));
+          lo[hh] = _mm256_and_si256(v, low);
+          hi[hh] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
         }
       }
+      for (int m = 0; m < MR; ++m) {
+        const int8_t* x = xq + m * K + g * 32 + 8 * p;
+        const __m256i x0 = bcast4(x), x1 = bcast4(x + 4);
+        for (int hh = 0; hh < 2; ++hh)
+          s16[m][hh] = _mm256_add_epi16(s16[m][hh], _mm256_add_epi16(_mm256_maddubs_epi16(lo[hh], x0),
+                                                                       _mm256_maddubs_epi16(hi[hh], x1)));
+      }
     }
-    for (int hh = 0; hh < NH; ++hh) {
-      const __m256 dg = load8h(d + g * 16 + (h0 + hh) * 8), zg = load8h(z + g * 16 + (h0 + hh) * 8);
+    for (int hh = 0; hh < 2; ++hh) {
+      const __m256 dg = load8h(d + g * 16 + hh * 8), zg = load8h(z + g * 16 + hh * 8);
       for (int m = 0; m < MR; ++m) {
         const int64_t i = (m0 + m) * G + g;
         // sum (q - 8) xq = sum q xq - 8 sum xq, exactly, as in matmul.cpp
-        const __m256i centred = _mm256_sub_epi32(_mm256_madd_epi16(s16[m][hh], ones), _mm256_set1_epi32(8 * a.sum_q[i]));
+        const __m256i centred = _mm256_sub_epi32(_mm256_madd_epi16(s16[m][hh], ones), _mm256_set1_epi32(a.sum_q8[i]));
         acc[m][hh] = _mm256_fmadd_ps(_mm256_mul_ps(dg, _mm256_set1_ps(a.scale[i])), _mm256_cvtepi32_ps(centred),
                                      acc[m][hh]);
         acc[m][hh] = _mm256_fmadd_ps(zg, _mm256_set1_ps(a.sum_x[i]), acc[m][hh]);
@@ -112,31 +143,40 @@ inline void q4_tile(const uint8_t* c, const at::Half* d, const at::Half* z, cons
 }
 
 // q8: codes [N/16][G][8][64] bytes (code + 128), d [N/16][G][16] fp16 (llama.cpp's Q8_0: w = d * code).
-template <int MR, int NH>
-inline void q8_tile(const uint8_t* c, const at::Half* d, const Acts& a, int64_t m0, int64_t K, int64_t G, int h0,
-                    __m256 (*acc)[2]) {
+template <int MR, bool PRE>
+inline void q8_tile(const uint8_t* c, const __m256i* u, const at::Half* d, const Acts& a, int64_t m0, int64_t K,
+                    int64_t G, __m256 (*acc)[2]) {
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
   const int8_t* xq = a.xq.data() + m0 * K;
   for (int m = 0; m < MR; ++m)
-    for (int hh = 0; hh < NH; ++hh) acc[m][hh] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; ++g, c += 512) {
-    __m256i s32[MR][NH];
+    for (int hh = 0; hh < 2; ++hh) acc[m][hh] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g, c += 512, u += Q8_VECS) {
+    __m256i s32[MR][2];
     for (int m = 0; m < MR; ++m)
-      for (int hh = 0; hh < NH; ++hh) s32[m][hh] = _mm256_setzero_si256();
+      for (int hh = 0; hh < 2; ++hh) s32[m][hh] = _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
-      for (int hh = 0; hh < NH; ++hh) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + j * 64 + (h0 + hh) * 32));
-        const __m256i code = _mm256_xor_si256(v, flip);  // the signed code, -128..127
-        const __m256i mag = _mm256_abs_epi8(code);       // 0..128, read as unsigned by maddubs
-        for (int m = 0; m < MR; ++m) {
-          const __m256i signed_x = _mm256_sign_epi8(bcast4(xq + m * K + g * 32 + 4 * j), code);  // 0 where code is
-          s32[m][hh] = _mm256_add_epi32(s32[m][hh], _mm256_madd_epi16(_mm256_maddubs_epi16(mag, signed_x), ones));
+      __m256i code[2], mag[2];  // the signed code, -128..127, and |code|, 0..128 read as unsigned by maddubs
+      for (int hh = 0; hh < 2; ++hh) {
+        if constexpr (PRE) {
+          code[hh] = _mm256_loadu_si256(u + (2 * j + hh) * 2);
+          mag[hh] = _mm256_loadu_si256(u + (2 * j + hh) * 2 + 1);
+        } else {
+          code[hh] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + j * 64 + hh * 32)),
+                                      flip);
+          mag[hh] = _mm256_abs_epi8(code[hh]);
+        }
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m256i x = bcast4(xq + m * K + g * 32 + 4 * j);
+        for (int hh = 0; hh < 2; ++hh) {
+          const __m256i signed_x = _mm256_sign_epi8(x, code[hh]);  // 0 where code is
+          s32[m][hh] = _mm256_add_epi32(s32[m][hh], _mm256_madd_epi16(_mm256_maddubs_epi16(mag[hh], signed_x), ones));
         }
       }
     }
-    for (int hh = 0; hh < NH; ++hh) {
-      const __m256 dg = load8h(d + g * 16 + (h0 + hh) * 8);
+    for (int hh = 0; hh < 2; ++hh) {
+      const __m256 dg = load8h(d + g * 16 + hh * 8);
       for (int m = 0; m < MR; ++m) {
         const int64_t i = (m0 + m) * G + g;
         acc[m][hh] = _mm256_fmadd_ps(_mm256_mul_ps(dg, _mm256_set1_ps(a.scale[i])), _mm256_cvtepi32_ps(s32[m][hh]),
@@ -146,38 +186,59 @@ inline void q8_tile(const uint8_t* c, const at::Half* d, const Acts& a, int64_t 
   }
 }
 
-constexpr int MR = 4;
+constexpr int MR = 4;  // activation rows per tile: 8 int16/int32 accumulators, 4 weight vectors, 2 broadcasts
 
-template <bool IS_Q4, int R, int NH>
-inline void tile(const uint8_t* c, const at::Half* d, const at::Half* z, const Acts& a, int64_t m0, int64_t K,
-                 int64_t G, int h0, __m256 (*acc)[2]) {
-  if constexpr (IS_Q4) q4_tile<R, NH>(c, d, z, a, m0, K, G, h0, acc); else q8_tile<R, NH>(c, d, a, m0, K, G, h0, acc);
+// One tile of R rows (1..MR) at m, its outputs stored: R is a template argument, so each case is unrolled.
+template <bool IS_Q4, bool PRE, int R, typename Out>
+inline void tile(const uint8_t* c, const __m256i* u, const at::Half* d, const at::Half* z, const Acts& a,
+                 int64_t m, int64_t N, int64_t K, int64_t G, int64_t rb, Out* y) {
+  __m256 acc[R][2];
+  if constexpr (IS_Q4) q4_tile<R, PRE>(c, u, d, z, a, m, K, G, acc); else q8_tile<R, PRE>(c, u, d, a, m, K, G, acc);
+  for (int r = 0; r < R; ++r)
+    for (int hh = 0; hh < 2; ++hh) store8(y + (m + r) * N + rb * 16 + hh * 8, acc[r][hh]);
 }
 
-// y = x @ W.T, parallel over row blocks as in matmul.cpp; each row's result comes from the same operations in
-// the same order whichever tile it falls in, so a row's output does not depend on M.
+template <bool IS_Q4, bool PRE, typename Out>
+inline void rows(int64_t R, const uint8_t* c, const __m256i* u, const at::Half* d, const at::Half* z,
+                 const Acts& a, int64_t m, int64_t N, int64_t K, int64_t G, int64_t rb, Out* y) {
+  switch (R) {
+    case 1: tile<IS_Q4, PRE, 1>(c, u, d, z, a, m, N, K, G, rb, y); break;
+    case 2: tile<IS_Q4, PRE, 2>(c, u, d, z, a, m, N, K, G, rb, y); break;
+    case 3: tile<IS_Q4, PRE, 3>(c, u, d, z, a, m, N, K, G, rb, y); break;
+    default: tile<IS_Q4, PRE, MR>(c, u, d, z, a, m, N, K, G, rb, y); break;
+  }
+}
+
+// y = x @ W.T, parallel over row blocks as in matmul.cpp: each thread owns a range of 16-row blocks and runs
+// every activation row through a block before the next, so a call reads each weight from memory once, for
+// all its rows (a decode step of a batch, a prefill): the block (4.5 KiB of q4 codes at K = 576, 12 KiB at
+// 1536) stays in L1 while the row tiles go over it. With more than 2 tiles of rows the block's codes are first
+// unpacked once into a per-thread buffer (twice their bytes: 9 / 24 KiB) that every tile then reads; with
+// fewer (a decode step of up to 8 rows) each tile unpacks as it goes. Every row's result comes from the
+// same integer sums and the same float operations in the same order (per group, groups in order) whichever
+// tile it falls in and whether or not its block was unpacked first, so a row's output does not depend on M.
 template <bool IS_Q4, typename Out>
 void run_blocks(const Acts& a, const uint8_t* codes, const at::Half* d, const at::Half* z, int64_t M, int64_t N,
                 int64_t K, int64_t block_bytes, Out* y) {
   const int64_t G = K / 32, blocks = N / 16;
   const int64_t grain = std::max<int64_t>(1, 65536 / (G * block_bytes) / std::max<int64_t>(1, M));
+  const bool pre = M > 2 * MR;  // 3 tiles or more: unpacking first pays (measured: at 5-8 rows it does not)
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    __m256 acc[MR][2];
+    static thread_local std::vector<__m256i> buffer;  // this thread's unpacked block (reused between calls)
+    if (pre) buffer.resize(G * (IS_Q4 ? Q4_VECS : Q8_VECS));
+    __m256i* u = buffer.data();
     for (int64_t rb = b0; rb < b1; ++rb) {
       const uint8_t* c = codes + rb * G * block_bytes;
       const at::Half* dd = d + rb * G * 16;
       const at::Half* zz = z ? z + rb * G * 16 : nullptr;
-      int64_t m = 0;
-      for (; m + MR <= M; m += MR) {
-        for (int h = 0; h < 2; ++h) {
-          tile<IS_Q4, MR, 1>(c, dd, zz, a, m, K, G, h, acc);
-          for (int r = 0; r < MR; ++r) store8(y + (m + r) * N + rb * 16 + h * 8, acc[r][0]);
-        }
+      if (!pre) {
+        for (int64_t m = 0; m < M; m += MR)
+          rows<IS_Q4, false>(std::min<int64_t>(MR, M - m), c, nullptr, dd, zz, a, m, N, K, G, rb, y);
+        continue;
       }
-      for (; m < M; ++m) {
-        tile<IS_Q4, 1, 2>(c, dd, zz, a, m, K, G, 0, acc);
-        for (int h = 0; h < 2; ++h) store8(y + m * N + rb * 16 + h * 8, acc[0][h]);
-      }
+      if constexpr (IS_Q4) unpack_q4(c, G, u); else unpack_q8(c, G, u);
+      for (int64_t m = 0; m < M; m += MR)
+        rows<IS_Q4, true>(std::min<int64_t>(MR, M - m), c, u, dd, zz, a, m, N, K, G, rb, y);
     }
   });
 }
