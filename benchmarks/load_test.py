@@ -7,10 +7,12 @@ It starts the server as a subprocess (the real bundled model unless --source), t
   1. one request alone (the single-client baseline: its decode tokens/s);
   2. --requests concurrent streaming chat requests at temperature 0, each a different question;
   3. the same requests again, non-streamed and concurrent: each reply must equal its streamed twin;
-  4. SIGTERM: the server must drain and exit 0.
+  4. idle: no request for the engine's idle_release_s (plus a margin), after which the engine frees its KV cache
+     and hands the freed heap back (engine.py): the resident memory must fall back towards where it started;
+  5. SIGTERM: the server must drain and exit 0.
 It reports errors, mismatches, time to first token (p50/p99), total tokens/s, and the server's resident memory
-before, after and at its peak, prints a table and writes it to --out (Markdown). The exit status is 1 if any
-request failed or differed from its twin, or the server did not exit cleanly.
+before, after the burst, after the idle wait and at its peak, prints a table and writes it to --out (Markdown).
+The exit status is 1 if any request failed or differed from its twin, or the server did not exit cleanly.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import openai
 import psutil
 import torch
 
-from smollm2.inference.engine import DEFAULT_MAX_BATCH
+from smollm2.defaults import DEFAULT_QUANTIZE
+from smollm2.inference.engine import DEFAULT_MAX_BATCH, IDLE_RELEASE_S
 
 REPO = Path(__file__).resolve().parents[1]
 TOPICS = ["the sea", "cats", "the moon", "bread", "rain", "mountains", "coffee", "trains", "music", "winter",
@@ -163,6 +166,10 @@ def main() -> int:
         twins, twins_wall = asyncio.run(run_all(url, "bench", prompts, args.max_tokens, stream=False))
         rss_after, rss_peak = memory(server.pid)
         stats = httpx.get(f"{url}/health", timeout=10).json()
+        idle_wait = IDLE_RELEASE_S + 5  # the engine's own idle timer, then time for the release itself
+        print(f"idle for {idle_wait:.0f} s (the KV cache is freed after {IDLE_RELEASE_S:.0f} s) ...", flush=True)
+        time.sleep(idle_wait)
+        rss_idle, _ = memory(server.pid)
 
         server.send_signal(signal.SIGTERM)
         exit_code = server.wait(timeout=120)
@@ -191,7 +198,8 @@ def main() -> int:
         ("tokens/s, one request alone", f"{alone_rate:.1f} (decode; TTFT {alone.ttft or float('nan'):.2f} s)"),
         ("wall time (non-streamed twins)", f"{twins_wall:.1f} s"),
         ("server peak batch", str(stats.get("peak_batch"))),
-        ("server RSS before / after / peak", f"{rss_before:.0f} / {rss_after:.0f} / {rss_peak:.0f} MiB"),
+        ("server RSS before / after the burst / peak", f"{rss_before:.0f} / {rss_after:.0f} / {rss_peak:.0f} MiB"),
+        (f"server RSS after {idle_wait:.0f} s idle", f"{rss_idle:.0f} MiB"),
         ("SIGTERM", f"exit status {exit_code}"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -209,7 +217,8 @@ def main() -> int:
         "",
         f"`python benchmarks/load_test.py --requests {args.requests} --max-tokens {args.max_tokens} "
         f"--max-concurrency {args.max_concurrency}` ({datetime.date.today()}): `smollm2 serve` with "
-        f"{args.source or 'the bundled SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32, eager)'} on loopback, "
+        f"{args.source or 'the bundled SmolLM2-135M-Instruct'} (its defaults: --quantize {DEFAULT_QUANTIZE}, "
+        "compiled decode step) on loopback, "
         "driven by the official `openai` client (AsyncOpenAI).",
         "",
         f"Machine: {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads; "

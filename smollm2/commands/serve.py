@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                      max_queue=args.max_queue, model_name=args.model_name, context_length=args.context_length,
                      prefix_cache_mb=args.prefix_cache_mb)
     if args.compile:  # the step's graphs now, not in the first requests' time to first token
-        print("smollm2 serve: compiling the decode step for 1 row and for batches (cached on disk for the next "
+        print("smollm2 serve: compiling the decode step (cached on disk for the next "
               "start) ...", flush=True)
         print(f"smollm2 serve: decode step ready in {app.state.engine.warm_up():.1f} s", flush=True)
     print(f"smollm2 serve: http://{args.host}:{args.port}/ (chat page), http://{args.host}:{args.port}/v1 (API)",

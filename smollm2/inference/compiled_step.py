@@ -19,8 +19,13 @@ the cache, and the Python and dispatch overhead of ~400 small ops (30 layers x ~
   attention mask passed to the forward is that wide, and the forward reads as many cache positions as the
   mask is wide. Attending over the whole preallocated cache instead costs ~0.3 ms per layer at 512 positions
   and grows with the cache. The mask width is an "unbacked" dynamic size and the cache length is dynamic, so
-  one compiled graph serves every bucket of every cache: no recompile every 64 tokens nor for a new prompt
-  (a batch of more than one row compiles once more).
+  one compiled graph serves every bucket of every cache: no recompile every 64 tokens nor for a new prompt.
+* The batch size is unbacked too: the same graph runs one row and sixty-four, so a row's logits are the same
+  bits whatever batch it decodes in (`generate` alone, `generate_batch`, the server's batches that grow and
+  shrink). Inductor's code for a batch of one, traced on its own, rounds differently (~1 logit in int4, where
+  int8 activations turn float differences into rounding steps) and is a few % faster at one row (BENCHMARKS.md).
+  The float32 model's matrix-vector linears choose their kernel by the number of rows, so that model keeps a
+  graph for one row and a second for every larger batch (`one_graph` False).
 * The compiled wrapper's per-call size and stride assertions are turned off (`size_asserts`): ~5% of an
   int4 step. The inputs' shapes are the ones traced: the step builds them itself.
 * Dynamo's guards on the model's modules and parameters are skipped (`guard_filter_fn`): checking them costs
@@ -142,6 +147,11 @@ class DecodeStep:
         self.compiled = compile
         self.compile_seconds: float | None = None
         self._marked_cache: weakref.ref[KVCache] | None = None  # the cache whose tensors are marked dynamic
+        # One compiled graph for every batch size, 1 included, so that a row's logits are the same bits whatever
+        # batch it runs in (the engine's batches grow and shrink as requests come and go; inductor's code for a
+        # batch of one, traced apart, rounds differently). Not with the float32 matrix-vector linears, which
+        # choose their kernel by the number of rows: those models keep a graph for one row and one for more.
+        self.one_graph = not any(isinstance(m, MatVecLinear) for m in model.modules())
         param = next(model.parameters())
         # oneDNN's bf16 matmul is ~2x slower than ATen's own at one row (M=1) on CPUs without AMX: turn it off
         # around decode steps only (prefill's large matmuls want it).
@@ -179,8 +189,11 @@ class DecodeStep:
         device = token_ids.device
         L = bucketed_length(start + 1, cache.max_len, self.bucket)
         slot = torch.tensor([start], device=device)  # (1,): the cache position written this step
-        if positions is None:
-            positions = slot.expand(B, 1)
+        # Fresh (B, 1) tensors with strides (1, 1): with the batch size unbacked the graph guards on strides even
+        # at one row, and callers pass expanded positions (stride 0) or columns of wider token tensors.
+        token_ids = torch.empty(B, 1, dtype=token_ids.dtype, device=device).copy_(token_ids)
+        positions = torch.empty(B, 1, dtype=torch.long, device=device).copy_(slot.expand(B, 1) if positions is None
+                                                                             else positions)
         # (B, L): 1 = a real token. The forward also masks positions after `slot` (the unfilled tail).
         if attention_mask is None:
             mask = torch.ones(B, L, dtype=torch.bool, device=device)
@@ -194,19 +207,22 @@ class DecodeStep:
         if self.compiled:
             # One graph for every bucket and every cache: L is "unbacked" (the compiler may not specialise on
             # it, e.g. on L == cache length, which would make the sliced cache contiguous) and the cache length
-            # is dynamic. A batch of one row has its own graph; every larger batch shares a second one, its
-            # size marked dynamic here rather than left to the compiler's guess after a recompile (which
-            # depends on the sizes seen before: CI once compiled a third graph).
+            # is dynamic. Sizes are marked here rather than left to the compiler's guess after a recompile
+            # (which depends on the sizes seen before: CI once compiled a third graph).
             torch._dynamo.decorators.mark_unbacked(mask, 1)
-            if B > 1:
+            # The batch size: "unbacked" too where one graph serves every batch (see one_graph), else dynamic
+            # from 2 rows on (a batch of one row then has a graph of its own).
+            mark_batch = (torch._dynamo.decorators.mark_unbacked if self.one_graph
+                          else torch._dynamo.maybe_mark_dynamic if B > 1 else None)
+            if mark_batch is not None:
                 for tensor in (token_ids, positions, mask):
-                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
+                    mark_batch(tensor, 0)
             if self._marked_cache is None or self._marked_cache() is not cache:  # a weakref: ids are reused
                 for layer in cache.layers:
                     for tensor in (layer.k, layer.v):
                         torch._dynamo.maybe_mark_dynamic(tensor, 2)
-                        if B > 1:
-                            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+                        if mark_batch is not None:
+                            mark_batch(tensor, 0)
                 self._marked_cache = weakref.ref(cache)
         caches = [(layer.k, layer.v) for layer in cache.layers]
         t0 = time.perf_counter()
@@ -227,6 +243,10 @@ class DecodeStep:
         """The model's own forward for one token; the cache is rebuilt from its tensors, which are what the
         compiled graph takes as inputs (the KVCache object around them may change between calls)."""
         torch._check(mask.shape[1] >= 2)  # no specialisation on a width of 0 or 1
+        if self.one_graph:  # every input's unbacked batch size is the same one
+            rows = token_ids.shape[0]
+            for tensor in (positions, mask, *(t for pair in caches for t in pair)):
+                torch._check(tensor.shape[0] == rows)
         cache = KVCache.from_layers([LayerCache(k, v) for k, v in caches])
         return self.model(token_ids, cache=cache, start=slot, positions=positions, attention_mask=mask,
                           output="last_logits")

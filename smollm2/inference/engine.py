@@ -184,8 +184,8 @@ class Engine:
 
     def warm_up(self) -> float:
         """Run the decode step once for one row and once for two, on a scratch cache, before any request. A
-        compiled step (`smollm2 serve`'s default) then builds its two graphs (one row; every larger batch)
-        here, so the first requests do not wait for a compile (minutes on 2 cores the first time, seconds
+        compiled step (`smollm2 serve`'s default) then builds its graph (two for a float32 model: one row,
+        every larger batch) here, so the first requests do not wait for a compile (minutes on 2 cores the first time, seconds
         from inductor's on-disk cache after). Nothing is kept; the eager step just runs. Returns the seconds."""
         if self._thread is not None:
             raise RuntimeError("warm_up() runs before start(): the engine thread owns the step once started")
@@ -302,7 +302,13 @@ class Engine:
             return 0
         P, start = len(job.prompt_ids), p.filled
         if start < P:
-            end = min(P, start + budget)
+            # Chunks of prefill_chunk tokens from where the prefill starts, never cut shorter to fit what is left
+            # of this turn's budget (a chunk that does not fit waits for the next turn): a chunk's length changes
+            # the rounding of its attention, so a prompt is prefilled the same way whatever else is waiting, and
+            # a reply does not depend on the other requests (the load test's twins).
+            end = min(P, start + self.prefill_chunk)
+            if end - start > budget:
+                return 0
             ids = torch.tensor([job.prompt_ids[start:end]], device=self.device)  # (1, chunk)
             logits = self.model(ids, cache=p.cache, start=start, output="last_logits")  # (1, vocab)
             p.filled = end

@@ -6,6 +6,7 @@ and one decode step, and requests join, finish, are cancelled and move between r
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Sequence
 
@@ -124,6 +125,31 @@ def test_more_requests_than_rows_each_as_alone(model, tokenizer, engine_of) -> N
     assert engine.stats()["generated_tokens"] == sum(c.max_new_tokens for _, c in requests)
 
 
+def test_prompts_are_prefilled_in_the_same_chunks_whatever_else_waits(model, tokenizer, engine_of) -> None:
+    """A prompt is prefilled in chunks of prefill_chunk tokens from its start, however much of a turn's
+    budget the prompts before it used: a chunk's length changes the rounding of its attention, so cutting a
+    chunk to fit the budget would make a reply depend on the other requests. (Before, a burst of 5-token
+    prompts with a budget of 8 cut the second one into 3 + 2.)"""
+    chunks: list[tuple[int, int]] = []
+
+    def record(module, args, kwargs) -> None:
+        if "attention_mask" not in kwargs:  # a prefill chunk (decode steps pass a mask)
+            chunks.append((int(kwargs["start"]), args[0].shape[1]))
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        prompts = prompts_of([5, 5, 5, 13, 3], seed=2)
+        config = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+        engine = engine_of(max_batch=5, prefill_chunk=8, prefix_cache_mb=0)
+        done = run_all(engine, [(p, config) for p in prompts])
+    finally:
+        handle.remove()
+    expected = sorted((start, min(8, len(p) - start)) for p in prompts for start in range(0, len(p), 8))
+    assert sorted(chunks) == expected
+    for prompt, (job, _) in zip(prompts, done, strict=True):
+        assert job.new_ids == alone(model, tokenizer, prompt, config)[0]
+
+
 def test_stop_strings_end_only_their_own_row(model, tokenizer, engine_of) -> None:
     """Each request has its own stop string, taken from the middle of what it generates alone: its text is
     cut there and it finishes with "stop", while the rows beside it run on."""
@@ -211,7 +237,8 @@ def test_queue_limit_and_bad_requests(model, tokenizer) -> None:
 def test_compiled_step_in_the_engine(model, tokenizer) -> None:
     """With the model's compiled step (load(compile=True) attaches it), the engine decodes through it: the
     same greedy tokens as the eager generate, for rows joining a running batch (batch sizes 1 to 3), with no
-    compile after warm_up() (the server's start) built the step's two graphs."""
+    compile after warm_up() (the server's start) built the step's graphs (one; two for the float32 model
+    whose matrix-vector linears choose their kernel by the number of rows)."""
     from torch._dynamo.utils import counters
 
     from smollm2.inference.compiled_step import compile_decoding
@@ -220,17 +247,46 @@ def test_compiled_step_in_the_engine(model, tokenizer) -> None:
     config = GenerationConfig(max_new_tokens=20, ignore_eos=True)
     expected = [alone(model, tokenizer, p, config)[0] for p in prompts]
     compile_decoding(model)
+    graphs = 1 if model.compiled_step.one_graph else 2
     requests = [(p, config) for p in prompts]
     engine = Engine(model, tokenizer, max_batch=3)
     counters.clear()
-    # (compiling twice, for 1 row and for more, takes ~20-60 s, minutes on a busy machine)
+    # (compiling takes ~20-60 s a graph, minutes on a busy machine)
     assert engine.warm_up() > 0
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
     engine.start()
     try:
         got = [job.new_ids for job, _ in run_all(engine, requests, timeout=900)]
     finally:
         engine.shutdown()
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # no compile while serving
+    assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])  # no compile while serving
     assert model.compiled_step.compile_seconds is not None  # it did run
+    assert got == expected
+
+
+def test_quantised_compiled_engine_equals_generate_alone(tiny_config, tokenizer) -> None:
+    """int4, compiled (the server's default): each request's tokens from the engine, whose batch grows from 1
+    to 3 rows and shrinks as they finish, equal `generate`'s for it alone through the same step (one graph
+    for every batch size: the same bits in any batch, tests/inference/test_compiled_step.py)."""
+    from smollm2.inference.compiled_step import compile_decoding
+    from smollm2.quant.quantize import quantize_model
+
+    # 4 layers of 256 (head_dim 64, our attention kernel where built) and long replies: in a smaller model the
+    # int8 activations absorb the rounding differences this test is for
+    config = dataclasses.replace(tiny_config, hidden_size=256, num_hidden_layers=4, max_position_embeddings=512)
+    torch.manual_seed(0)
+    base = SmolLM2(config)
+    base.init_weights()
+    int4 = compile_decoding(quantize_model(base.eval(), "int4"))
+    assert int4.compiled_step.one_graph
+    prompts = prompts_of([4, 9, 2, 13], seed=6)
+    configs = [GenerationConfig(max_new_tokens=n, ignore_eos=True) for n in (150, 40, 100, 200)]
+    with torch.inference_mode():  # as on the engine's thread (the compiled graph guards on it)
+        expected = [alone(int4, tokenizer, p, c)[0] for p, c in zip(prompts, configs, strict=True)]
+    engine = Engine(int4, tokenizer, max_batch=3)
+    engine.start()
+    try:
+        got = [job.new_ids for job, _ in run_all(engine, list(zip(prompts, configs, strict=True)), timeout=900)]
+    finally:
+        engine.shutdown()
     assert got == expected

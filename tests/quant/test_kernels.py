@@ -288,6 +288,32 @@ def test_decode_attention_kernel_matches_sdpa(dtype, B, H, Hkv, D, L) -> None:
     torch.testing.assert_close(y.float(), sdpa_reference(q, k, v, valid), atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [1, 63, 64, 65, 200])
+def test_decode_attention_does_not_depend_on_where_a_row_sits(dtype, length) -> None:
+    """A row's tokens anywhere in a wider cache attend bit for bit as the same tokens at [0, length) alone:
+    from another column (the engine's rows start at different columns), with unused columns between them
+    (the engine's timeline jumps past a row when a longer prompt joins), or scattered. Each row's chunks are
+    runs of 64 of its own unmasked positions, so only they and their order count."""
+    kernels_or_skip()
+    H, Hkv, D = 9, 3, 64
+    q = torch.randn(1, H, 1, D).to(dtype)
+    k, v = (torch.randn(1, Hkv, length, D).to(dtype) for _ in range(2))
+    alone = torch.ops.smollm2.decode_attention(q, k, v, torch.ones(1, length, dtype=torch.bool))
+    width = length + 180
+    layouts = [torch.arange(3, 3 + length), torch.arange(37, 37 + length), torch.arange(64, 64 + length),
+               torch.cat([torch.arange(min(length, 5)) + 10, torch.arange(length - min(length, 5)) + 100]),  # a gap
+               torch.randperm(width)[:length].sort().values]  # scattered
+    K, V = (torch.full((len(layouts), Hkv, width, D), float("nan")).to(dtype) for _ in range(2))
+    valid = torch.zeros(len(layouts), width, dtype=torch.bool)
+    for row, columns in enumerate(layouts):
+        K[row][:, columns], V[row][:, columns] = k[0], v[0]
+        valid[row, columns] = True
+    batched = torch.ops.smollm2.decode_attention(q.expand(len(layouts), -1, -1, -1), K, V, valid)
+    for row in range(len(layouts)):
+        assert torch.equal(batched[row], alone[0]), f"layout {row}"
+
+
 def test_decode_attention_kernel_supported_shapes() -> None:
     kernels_or_skip()
     from smollm2.quant import kernels

@@ -34,21 +34,21 @@ inline __m256 exp_nonpositive(__m256 x) {
 
 constexpr int64_t CHUNK = 64;  // cache positions per task, as in decode_attention.cpp
 
-// One chunk of positions [s0, s1) of one KV head against its R query heads q (R x DV*8, fp32, pre-scaled):
-// the chunk's max m, sum l of e^(score - m) (m = -inf if all masked) and e^(score - m)-weighted V rows o.
+// One chunk of n <= CHUNK unmasked positions of one KV head, at cache columns cols[0..n), against its R query
+// heads q (R x DV*8, fp32, pre-scaled): the chunk's max m, sum l of e^(score - m) and e^(score - m)-weighted
+// V rows o.
 template <int R, int DV, typename T>
-void attend_chunk(const float* q, const T* k, const T* v, int64_t k_stride, int64_t v_stride, const bool* valid,
-                  int64_t s0, int64_t s1, float* m, float* l, float* o) {
+void attend_chunk(const float* q, const T* k, const T* v, int64_t k_stride, int64_t v_stride, const int64_t* cols,
+                  int64_t n, float* m, float* l, float* o) {
   constexpr int64_t D = DV * 8;
   alignas(32) float weights[R][CHUNK];
-  const int64_t n = s1 - s0;
   const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
   __m256 mx[R];
   for (int r = 0; r < R; ++r) mx[r] = minus_inf;
   for (int64_t j = 0; j < n; j += 8) {  // scores, 8 positions at a time
     const int64_t cnt = std::min<int64_t>(8, n - j);
     alignas(32) int32_t keep_bits[8];
-    for (int64_t p = 0; p < 8; ++p) keep_bits[p] = (p < cnt && valid[s0 + j + p]) ? -1 : 0;
+    for (int64_t p = 0; p < 8; ++p) keep_bits[p] = p < cnt ? -1 : 0;
     const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(keep_bits)));
     __m256 partial[R][8];  // per query head and position: 8 lanes of products, summed by sum8 below
     for (int64_t p = 0; p < 8; ++p) {
@@ -56,12 +56,13 @@ void attend_chunk(const float* q, const T* k, const T* v, int64_t k_stride, int6
         for (int r = 0; r < R; ++r) partial[r][p] = _mm256_setzero_ps();
         continue;
       }
-      const T* kr = k + (s0 + j + p) * k_stride;
-      const T* vr = v + (s0 + j + p) * v_stride;
-      const char* ahead = reinterpret_cast<const char*>(kr + 8 * k_stride);  // the key row 8 positions on
+      const T* kr = k + cols[j + p] * k_stride;
+      const T* vr = v + cols[j + p] * v_stride;
+      const char* ahead = j + p + 8 < n ? reinterpret_cast<const char*>(k + cols[j + p + 8] * k_stride)
+                                        : nullptr;  // the key row 8 positions on
       for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) {
         _mm_prefetch(reinterpret_cast<const char*>(vr) + b, _MM_HINT_T0);  // needed after the scores
-        if (j + p + 8 < n) _mm_prefetch(ahead + b, _MM_HINT_T0);
+        if (ahead != nullptr) _mm_prefetch(ahead + b, _MM_HINT_T0);
       }
       __m256 kv[DV];  // the key row, loaded (and widened from bf16) once for all R query heads
       for (int d = 0; d < DV; ++d) kv[d] = load8f(kr + d * 8);
@@ -77,7 +78,7 @@ void attend_chunk(const float* q, const T* k, const T* v, int64_t k_stride, int6
       mx[r] = _mm256_max_ps(mx[r], sc);
     }
   }
-  for (int r = 0; r < R; ++r) {  // scores -> e^(score - m), exactly 0 where masked
+  for (int r = 0; r < R; ++r) {  // scores -> e^(score - m), exactly 0 in the lanes past n
     m[r] = hmax(mx[r]);
     const __m256 mr = _mm256_set1_ps(m[r] == -INFINITY ? 0.f : m[r]);
     __m256 sum = _mm256_setzero_ps();
@@ -97,8 +98,7 @@ void attend_chunk(const float* q, const T* k, const T* v, int64_t k_stride, int6
     for (int r = 0; r < R; ++r)
       for (int d = 0; d < DB; ++d) out[r][d] = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
-      if (!valid[s0 + j]) continue;  // (a masked position's cache row may hold anything)
-      const T* vr = v + (s0 + j) * v_stride + d0 * 8;
+      const T* vr = v + cols[j] * v_stride + d0 * 8;
       for (int d = 0; d < DB; ++d) {
         const __m256 vv = load8f(vr + d * 8);
         for (int r = 0; r < R; ++r) out[r][d] = _mm256_fmadd_ps(_mm256_set1_ps(weights[r][j]), vv, out[r][d]);
@@ -126,16 +126,30 @@ at::Tensor decode_attention_impl(const at::Tensor& q_in, const at::Tensor& k, co
   const T* vp = v.data_ptr<T>();
   const bool* mp = valid.data_ptr<bool>();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  // Each row's chunks are runs of 64 of its unmasked positions, in order (cols: their columns), not of 64
+  // columns: a row's result then depends only on its own tokens, bit for bit, not on where they sit in the
+  // cache (the engine's rows start at different columns and may have unused columns between their prompt and
+  // their new tokens) nor on the left padding of a batch. Masked positions are never read.
+  std::vector<int64_t> cols(B * L), count(B, 0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < L; ++s)
+      if (mp[b * L + s]) cols[b * L + count[b]++] = s;
   at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t t0, int64_t t1) {
     alignas(32) float qs[R * D];
     float m[R], l[R], o[R * D];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t % chunks, h = (t / chunks) % Hkv, b = t / chunks / Hkv;
       const int64_t head0 = b * H + h * R;  // this KV head's first query head, as a row of q
+      const int64_t s0 = c * CHUNK;  // the chunk's first position among the row's unmasked ones
+      if (s0 >= count[b]) {  // past the row's last one: an empty chunk, skipped by the merge
+        for (int r = 0; r < R; ++r) part[((head0 + r) * chunks + c) * (D + 2)] = -INFINITY;
+        continue;
+      }
       for (int64_t i = 0; i < R * D; i += 8)
         _mm256_store_ps(qs + i, _mm256_mul_ps(load8f(qp + head0 * D + i), _mm256_set1_ps(scale)));
       attend_chunk<R, DV>(qs, kp + b * k.stride(0) + h * k.stride(1), vp + b * v.stride(0) + h * v.stride(1),
-                          k.stride(2), v.stride(2), mp + b * L, c * CHUNK, std::min(L, (c + 1) * CHUNK), m, l, o);
+                          k.stride(2), v.stride(2), cols.data() + b * L + s0,
+                          std::min(CHUNK, count[b] - s0), m, l, o);
       for (int r = 0; r < R; ++r) {
         float* dst = part.data() + ((head0 + r) * chunks + c) * (D + 2);
         dst[0] = m[r]; dst[1] = l[r];
