@@ -54,7 +54,6 @@ import weakref
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kv_cache import KVCache, LayerCache

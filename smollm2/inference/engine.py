@@ -184,9 +184,10 @@ class Engine:
 
     def warm_up(self) -> float:
         """Run the decode step once for one row and once for two, on a scratch cache, before any request. A
-        compiled step (`smollm2 serve`'s default) then builds its graph (two for a float32 model: one row,
-        every larger batch) here, so the first requests do not wait for a compile (minutes on 2 cores the first time, seconds
-        from inductor's on-disk cache after). Nothing is kept; the eager step just runs. Returns the seconds."""
+        compiled step (`smollm2 serve`'s default) then builds its graph (two for a float32 model: one row, one
+        for every larger batch) here, so the first requests do not wait for a compile (minutes on 2 cores the
+        first time, seconds from inductor's on-disk cache after). Nothing is kept; the eager step just runs.
+        Returns the seconds."""
         if self._thread is not None:
             raise RuntimeError("warm_up() runs before start(): the engine thread owns the step once started")
         t0 = time.perf_counter()
