@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from smollm2.bench.inference import cpu_and_isa
 from smollm2.quant import kernels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,18 +47,6 @@ SHAPES = [("o_proj", 576, 576, "q4"), ("k/v_proj", 192, 576, "q4"), ("qkv fused"
           ("gate/up_proj", 1536, 576, "q4"), ("gate_up fused", 3072, 576, "q4"), ("down_proj", 576, 1536, "q4"),
           ("lm_head", 49152, 576, "q8")]
 STREAM_BYTES = 96e6  # weight copies cycled through per measurement: 3x the 32 MiB L3 of the machines here
-
-
-def cpu_line() -> str:
-    """The CPU's model name, core count and vector ISA flags, from /proc/cpuinfo (Linux)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    isa = " ".join(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
-    return f"{name}, {os.cpu_count()} cores, flags {isa}"
 
 
 def build_of(rev: str | None) -> str:
@@ -203,7 +191,8 @@ def main() -> None:
 
     builds = {"before": build_of(args.before), "after": build_of(None)}
     rows = [int(r) for r in args.rows.split(",")]
-    print(f"machine: {cpu_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"machine: {cpu_and_isa()}, {os.cpu_count()} cores; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; "
           f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"builds: before = {builds['before']} ({args.before}), after = {builds['after']} (this checkout)")
     bandwidth = measure_bandwidth()

@@ -37,7 +37,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from smollm2.bench.inference import cpu_and_isa
+
 CONFIGS = ("ours-full", "trl-full", "ours-lora", "trl-lora")
 BATCH, SEQ = 8, 512
 LR, CLIP = 1e-3, 1.0
@@ -55,8 +56,6 @@ LORA_TARGETS = "q,k,v,o,gate,up,down"
 HF_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IGNORE = -100
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "gsm8k" / "train.jsonl"
-ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile",
-             "amx_bf16")
 
 
 # ---- the rows both sides train on --------------------------------------------------------------------------
@@ -216,19 +215,8 @@ def missing_peers() -> list[str]:
 
 
 def machine(threads: int) -> str:
-    """The CPU model, its vector ISA flags, cores, threads and torch version: the line the table is read with."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    model = names[0] if names else model
-    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
-    isa = " ".join(f for f in ISA_FLAGS if f in flags) or "unknown"
-    if flags and not any(f.startswith("avx512") for f in flags):
-        isa += " (no AVX-512)"
-    return f"{model} | {os.cpu_count()} CPUs | ISA {isa} | {threads} torch thread(s) | torch {torch.__version__}"
+    """The CPU and its vector ISA flags, cores, threads and torch version: the line the table is read with."""
+    return f"{cpu_and_isa()} | {os.cpu_count()} CPUs | {threads} torch thread(s) | torch {torch.__version__}"
 
 
 def prepare(work: Path, data: Path, n_rows: int, seq: int, need_hf: bool) -> int:

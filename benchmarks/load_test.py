@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import datetime
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -35,6 +34,7 @@ import openai
 import psutil
 import torch
 
+from smollm2.bench.inference import cpu_and_isa
 from smollm2.defaults import DEFAULT_QUANTIZE
 from smollm2.inference.engine import DEFAULT_MAX_BATCH, IDLE_RELEASE_S
 
@@ -210,8 +210,6 @@ def main() -> int:
         print("error:", error)
 
     load = os.getloadavg()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
     report = [
         "# Serving load test",
         "",
@@ -221,7 +219,8 @@ def main() -> int:
         "compiled decode step) on loopback, "
         "driven by the official `openai` client (AsyncOpenAI).",
         "",
-        f"Machine: {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"Machine: {os.cpu_count()} CPUs ({cpu_and_isa()}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; "
         f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min: the machine is "
         "shared, so absolute speeds vary; compare rows of one run).",
         "",

@@ -10,7 +10,6 @@ times submit -> first token. Prints the medians, their ratio and the machine.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import threading
 import time
@@ -18,23 +17,13 @@ import time
 import torch
 
 import smollm2
+from smollm2.bench.inference import cpu_and_isa
 from smollm2.inference.config import GenerationConfig
 from smollm2.inference.engine import Engine
 
 QUESTIONS = ["Where are the wood screws?", "Do you sell garden hoses?", "What is a torque wrench for?",
              "Which aisle has light bulbs?", "Can I buy paint brushes here?", "Where do I find pipe tape?",
              "Do you have cordless drills?", "What size nails hang a picture?"]
-
-
-def cpu() -> str:
-    """The CPU's model name and its vector ISA flags, from /proc/cpuinfo (Linux)."""
-    try:
-        lines = open("/proc/cpuinfo").read().splitlines()
-    except OSError:
-        return platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    return f"{name}, flags " + " ".join(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
 
 
 def ttft(engine: Engine, prompt: list[int]) -> tuple[float, int]:
@@ -94,7 +83,7 @@ def main() -> None:
     print(f"| prefix cache off | {statistics.median(miss) * 1e3:.0f} | 0 |")
     print(f"| prefix cache on (hit) | {statistics.median(hit) * 1e3:.0f} | {statistics.median(reused):.0f} |")
     print(f"ratio off / on: {statistics.median(miss) / statistics.median(hit):.1f}x")
-    print(f"{cpu()}; {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(f"{cpu_and_isa()}; {torch.get_num_threads()} torch threads, torch {torch.__version__}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import asyncio
 import datetime
 import importlib.metadata
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -35,6 +34,8 @@ from pathlib import Path
 import httpx
 import openai
 import torch
+
+from smollm2.bench.inference import cpu_and_isa
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -194,11 +195,6 @@ def main() -> int:
 
     ours_rate = {c: r["tok/s"] for name, c, r in rows if name == "smollm2 serve"}
     peer_rate = {c: r["tok/s"] for name, c, r in rows if name == "llama-server"}
-    flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()[2:]}
-                   & {"avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16",
-                      "amx_int8"})
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
     load = os.getloadavg()
     header = ("| server | concurrent | tokens/s (aggregate) | x ours at the first level | x llama-server "
               "| TTFT p50 / p99 s | inter-token p50 / p99 ms | errors | RSS now / peak MiB |")
@@ -208,7 +204,7 @@ def main() -> int:
         lines.append(f"| {name} | {c} | {r['tok/s']:.1f} | {r['tok/s'] / ours_rate[levels[0]]:.2f} | {vs_peer} "
                      f"| {r['ttft50']:.2f} / {r['ttft99']:.2f} | {r['itl50']:.0f} / {r['itl99']:.0f} "
                      f"| {r['errors']} | {r['rss']} |")
-    machine = (f"{datetime.date.today()}, {os.cpu_count()} CPUs ({cpu}; {' '.join(flags)}), torch {torch.__version__}, "
+    machine = (f"{datetime.date.today()}, {os.cpu_count()} CPUs ({cpu_and_isa()}), torch {torch.__version__}, "
                f"{args.threads} threads per server, {args.rounds} round(s), {args.max_tokens} max tokens, "
                f"model {gguf.name}; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
     print("\n" + machine + "\n\n" + "\n".join(lines))

@@ -474,6 +474,18 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def cpu_and_isa() -> str:
+    """The CPU's model name and its vector ISA flags (avx*, amx*, fma, f16c), from /proc/cpuinfo (Linux): the
+    line a benchmark's numbers are read with."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return f"{name}, flags " + " ".join(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
