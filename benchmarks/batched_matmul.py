@@ -4,13 +4,14 @@
                                                   [--step-batch 16] [--no-step]
 
 "before" is the AVX2 kernel sources (smollm2/quant/csrc, kernels.ISAS["avx2"].files) at git revision --before,
-"after" those of this checkout. Each is the build kernels.py would name for its sources (a hash of them,
-`kernels.build_name`), so the two live side by side in torch's extension cache; the old one is compiled from
-`git show` into a temporary directory if it is not there yet (~1 minute). One process loads one build (both
-register the same ops), so every measurement runs in a worker process of its own, the builds in turn for
---rounds rounds (a shared machine drifts: both see the same drift). The table gives, per build, the median
-over the rounds of each worker's best pass; the decode step, the median over rounds of each worker's median
-step.
+"after" those of this checkout. With --vnni, "before" is this checkout's AVX2 build and "after" its AVX-VNNI
+build (the same sources with vpdpbusd: kernels.ISAS["avxvnni"]), on a CPU that reports avx_vnni. Each is the
+build kernels.py would name for its sources (a hash of them, `kernels.build_name`), so the two live side by
+side in torch's extension cache; the old one is compiled from `git show` into a temporary directory if it is
+not there yet (~1 minute). One process loads one build (both register the same ops), so every measurement runs
+in a worker process of its own, the builds in turn for --rounds rounds (a shared machine drifts: both see the
+same drift). The table gives, per build, the median over the rounds of each worker's best pass; the decode
+step, the median over rounds of each worker's median step.
 
 For each shape of the real model's matmuls (SmolLM2-135M in int4 mode: q4 per group of 32, the output
 projection q8) and each row count M, a call's time is measured with the weights streamed from memory, as in a
@@ -74,11 +75,11 @@ def build_of(rev: str | None) -> str:
 # ---- the worker: one build, all the measurements ---------------------------------------------------------
 
 
-def load_build(name: str) -> None:
-    """Make kernels.available() load the build NAME (one of the AVX2 builds) in this process."""
-    kernels.NAMES["avx2"] = name
-    if kernels.isa() != "avx2" or not kernels.available():
-        raise SystemExit(f"could not load the AVX2 build {name}")
+def load_build(name: str, isa: str) -> None:
+    """Make kernels.available() load the build NAME (of the AVX2 sources, for ISA) in this process."""
+    kernels.NAMES[isa] = name
+    if kernels.isa() != isa or not kernels.available():
+        raise SystemExit(f"could not load the {isa} build {name}")
 
 
 def weights(N: int, K: int, fmt: str, seed: int = 0) -> tuple[list[torch.Tensor], int]:
@@ -152,7 +153,7 @@ def time_step(batch: int, prompt_len: int, steps: int) -> dict:
 
 
 def worker(spec: dict) -> None:
-    load_build(spec["build"])
+    load_build(spec["build"], spec["isa"])
     result = {"matmul": time_matmuls(spec["rows"], spec["repeats"])}
     if spec["step_batch"]:
         result["step"] = time_step(spec["step_batch"], spec["prompt_len"], spec["steps"])
@@ -163,7 +164,7 @@ def worker(spec: dict) -> None:
 
 
 def run_worker(spec: dict) -> dict:
-    env = {**os.environ, "SMOLLM2_ISA": "avx2"}
+    env = {**os.environ, "SMOLLM2_ISA": spec["isa"]}
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
                           text=True)
     if done.returncode:
@@ -181,26 +182,39 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=16, help="timed decode steps per worker")
     parser.add_argument("--no-step", action="store_true", help="only the matmuls")
+    parser.add_argument("--vnni", action="store_true",
+                        help="before = this checkout's AVX2 build, after = its AVX-VNNI build (not --before)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
-    if not kernels.cpu_runs("avx2"):
-        raise SystemExit("this CPU cannot run the AVX2 kernels")
+    if not kernels.cpu_runs("avxvnni" if args.vnni else "avx2"):
+        raise SystemExit(f"this CPU cannot run the {'AVX-VNNI' if args.vnni else 'AVX2'} kernels")
     from smollm2.bench.inference import measure_bandwidth
 
-    builds = {"before": build_of(args.before), "after": build_of(None)}
+    if args.vnni:
+        for isa in ("avx2", "avxvnni"):
+            if not (kernels.build_dir(isa) / f"{kernels.NAMES[isa]}.so").is_file():
+                raise SystemExit(f"the {isa} build is not there: run python -m smollm2.kernels first")
+        isas = {"before": "avx2", "after": "avxvnni"}
+        builds = {which: kernels.NAMES[isa] for which, isa in isas.items()}
+        args.before = "this checkout, avx2"
+    else:
+        isas = {"before": "avx2", "after": "avx2"}
+        builds = {"before": build_of(args.before), "after": build_of(None)}
     rows = [int(r) for r in args.rows.split(",")]
     print(f"machine: {cpu_and_isa()}, {os.cpu_count()} cores; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; "
           f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"builds: before = {builds['before']} ({args.before}), after = {builds['after']} (this checkout)")
+    print(f"builds: before = {builds['before']} ({args.before}), after = {builds['after']} (this checkout"
+          f"{', avxvnni' if args.vnni else ''})")
     bandwidth = measure_bandwidth()
     results: dict[str, list[dict]] = {"before": [], "after": []}
     for r in range(args.rounds):
         for which, name in builds.items():
-            spec = {"build": name, "rows": rows, "repeats": args.repeats, "prompt_len": args.prompt_len,
-                    "steps": args.steps, "step_batch": 0 if args.no_step else args.step_batch}
+            spec = {"build": name, "isa": isas[which], "rows": rows, "repeats": args.repeats,
+                    "prompt_len": args.prompt_len, "steps": args.steps,
+                    "step_batch": 0 if args.no_step else args.step_batch}
             results[which].append(run_worker(spec))
             print(f"  round {r + 1}/{args.rounds}: {which} done", flush=True)
     bandwidth = max(bandwidth, measure_bandwidth())

@@ -58,18 +58,20 @@ AVX-512), one thread: q4 at one row 3-6x faster than torch's int4 kernel (960 x 
 The C++ lives in smollm2/quant/csrc/ (package data): ops.cpp declares the ops (`torch.ops.smollm2.*`); the
 AVX-512 build compiles it with matmul.cpp (q4_mm, q8_mm, bf16_mm, f32_mv) and decode_attention.cpp, which
 share simd.h; the AVX2 build with matmul_avx2.cpp and decode_attention_avx2.cpp (simd_avx2.h), compiled with
--mavx2 -mfma -mf16c only (`ISAS`). `torch.utils.cpp_extension.load` compiles a build (ninja; -O3 -fopenmp)
-into NAME.so under ~/.cache/torch_extensions/py311_cpu/NAME (or $TORCH_EXTENSIONS_DIR/NAME). NAME is
-"smollm2_kernels_" (AVX-512) or "smollm2_kernels_avx2_" and 12 hex digits of a sha256 of that build's own
-sources, its compiler flags and torch's version (`build_name`): a changed source or flag, or another torch
+-mavx2 -mfma -mf16c only, and the AVX-VNNI build with the same files and -mavxvnni too, which turns each
+vpmaddubsw + vpmaddwd into one vpdpbusd with the same integer result (`ISAS`).
+`torch.utils.cpp_extension.load` compiles a build (ninja; -O3 -fopenmp) into NAME.so under
+~/.cache/torch_extensions/py311_cpu/NAME (or $TORCH_EXTENSIONS_DIR/NAME). NAME is "smollm2_kernels_"
+(AVX-512), "smollm2_kernels_avxvnni_" or "smollm2_kernels_avx2_" and 12 hex digits of a sha256 of that build's
+own sources, its compiler flags and torch's version (`build_name`): a changed source or flag, or another torch
 (whose headers the build depends on), gets a build of its own, and an unchanged one finds the cached build;
 nothing is bumped by hand, and older builds stay until deleted.
 
-Which build a process uses is decided once (`isa()`): SMOLLM2_ISA=avx512|avx2 if set (a ValueError naming
-the value if it is unknown or this CPU lacks its flags), else the fastest one the CPU reports the flags for
-in /proc/cpuinfo (AVX-512 VNNI, else AVX2 + FMA + F16C). One process loads one build: both register the
-same ops. `python -m smollm2.kernels` builds that one, then every other one this CPU runs (in a process of
-its own), so that an AVX-512 machine tests the AVX2 build too.
+Which build a process uses is decided once (`isa()`): SMOLLM2_ISA=avx512|avxvnni|avx2 if set (a ValueError
+naming the value if it is unknown or this CPU lacks its flags), else the fastest one the CPU reports the flags
+for in /proc/cpuinfo (AVX-512 VNNI, else AVX2 + FMA + F16C with AVX-VNNI, else without). One process loads one
+build: all register the same ops. `python -m smollm2.kernels` builds that one, then every other one this CPU
+runs (in a process of its own), so that an AVX-512 machine tests the AVX2 builds too.
 
 At run time `available()` loads the cached NAME.so as it is, if there is one (no ninja run: a newer mtime
 alone could start a rebuild), and builds only when asked to (`python -m smollm2.kernels`, which the setup
@@ -118,14 +120,18 @@ class Isa:
     prefix: str
 
 
+_AVX2_FILES = ("ops.cpp", "matmul_avx2.cpp", "decode_attention_avx2.cpp", "simd_avx2.h")
+
 # The builds, fastest first: `isa()` takes the first this CPU runs. Each compiles only its own files (ops.cpp,
 # the ops' schemas, is shared), so a change to one leaves the other's build, and its name, as it was. Never
 # -march=native: a build must run on every CPU with these flags, not only on the one that compiled it.
 ISAS = {
     "avx512": Isa(("ops.cpp", "matmul.cpp", "decode_attention.cpp", "simd.h"), tuple(_CFLAGS),
                   frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"}), "smollm2_kernels_"),
-    "avx2": Isa(("ops.cpp", "matmul_avx2.cpp", "decode_attention_avx2.cpp", "simd_avx2.h"),
-                ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"), frozenset({"avx2", "fma", "f16c"}),
+    # the AVX2 sources again with vpdpbusd for the integer dot products (matmul_avx2.cpp's __AVXVNNI__ lines)
+    "avxvnni": Isa(_AVX2_FILES, ("-O3", "-mavx2", "-mfma", "-mf16c", "-mavxvnni", "-fopenmp"),
+                   frozenset({"avx2", "fma", "f16c", "avx_vnni"}), "smollm2_kernels_avxvnni_"),
+    "avx2": Isa(_AVX2_FILES, ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"), frozenset({"avx2", "fma", "f16c"}),
                 "smollm2_kernels_avx2_"),
 }
 
@@ -182,9 +188,9 @@ def cpu_runs(isa: str) -> bool:
 
 @cache
 def isa() -> str | None:
-    """The build this process uses: SMOLLM2_ISA (avx2 or avx512) if set, else the fastest this CPU runs
-    (AVX-512 VNNI, then AVX2 with FMA and F16C), None if neither. Raises ValueError for an unknown value or
-    one this CPU cannot run. (A CPU with AVX-VNNI but no AVX-512, as Intel's since Alder Lake, runs avx2.)"""
+    """The build this process uses: SMOLLM2_ISA (avx512, avxvnni or avx2) if set, else the fastest this CPU
+    runs (AVX-512 VNNI; then AVX2 with FMA and F16C, with AVX-VNNI where the CPU has it, as Intel's since Alder
+    Lake), None if none. Raises ValueError for an unknown value or one this CPU cannot run."""
     forced = os.environ.get("SMOLLM2_ISA", "").strip().lower()
     if not forced:
         return next((name for name in ISAS if cpu_runs(name)), None)

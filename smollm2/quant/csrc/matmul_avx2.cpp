@@ -15,6 +15,9 @@
 //       activation with the code's sign (vpsignb; |xq| <= 127, so the negation never overflows), at most
 //       2 * 128 * 127 = 32512 per pair, every code -128..127 exact; widened to int32 after each chunk. This
 //       gives sum code * xq directly, the integer matmul.cpp computes as sum (code + 128) xq - 128 sum xq.
+// Built with -mavxvnni (the "avxvnni" build, for CPUs with AVX-VNNI: Intel's since Alder Lake, AMD's since Zen 4),
+// each vpmaddubsw + vpmaddwd pair is one vpdpbusd instead (VEX-encoded, 256-bit), which sums the same four
+// products straight into int32: the same integers, so the same bits, in fewer instructions.
 // A 64-byte chunk of the packing holds 16 rows: here its two 32-byte halves (rows 0-7, 8-15) are two ymm
 // registers, each lane (4 bytes) still one row's 4 consecutive inputs, so no horizontal sums are needed.
 #include <ATen/ATen.h>
@@ -99,14 +102,15 @@ inline void unpack_q8(const uint8_t* c, int64_t G, __m256i* u) {
 template <int MR, bool PRE>
 inline void q4_tile(const uint8_t* c, const __m256i* u, const at::Half* d, const at::Half* z, const Acts& a,
                     int64_t m0, int64_t K, int64_t G, __m256 (*acc)[2]) {
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  [[maybe_unused]] const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const int8_t* xq = a.xq.data() + m0 * K;
   for (int m = 0; m < MR; ++m)
     for (int hh = 0; hh < 2; ++hh) acc[m][hh] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g, c += 256, u += Q4_VECS) {
-    __m256i s16[MR][2];  // int16 pair sums: at most 8 x 3810 over the group (see the top of the file)
+    // int16 pair sums (at most 8 x 3810 over the group: see the top of the file), or with AVX-VNNI int32 sums
+    __m256i isum[MR][2];
     for (int m = 0; m < MR; ++m)
-      for (int hh = 0; hh < 2; ++hh) s16[m][hh] = _mm256_setzero_si256();
+      for (int hh = 0; hh < 2; ++hh) isum[m][hh] = _mm256_setzero_si256();
 #pragma GCC unroll 4
     for (int p = 0; p < 4; ++p) {
       __m256i lo[2], hi[2];
@@ -124,8 +128,12 @@ inline void q4_tile(const uint8_t* c, const __m256i* u, const at::Half* d, const
         const int8_t* x = xq + m * K + g * 32 + 8 * p;
         const __m256i x0 = bcast4(x), x1 = bcast4(x + 4);
         for (int hh = 0; hh < 2; ++hh)
-          s16[m][hh] = _mm256_add_epi16(s16[m][hh], _mm256_add_epi16(_mm256_maddubs_epi16(lo[hh], x0),
+#ifdef __AVXVNNI__
+          isum[m][hh] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(isum[m][hh], lo[hh], x0), hi[hh], x1);
+#else
+          isum[m][hh] = _mm256_add_epi16(isum[m][hh], _mm256_add_epi16(_mm256_maddubs_epi16(lo[hh], x0),
                                                                        _mm256_maddubs_epi16(hi[hh], x1)));
+#endif
       }
     }
     for (int hh = 0; hh < 2; ++hh) {
@@ -133,7 +141,12 @@ inline void q4_tile(const uint8_t* c, const __m256i* u, const at::Half* d, const
       for (int m = 0; m < MR; ++m) {
         const int64_t i = (m0 + m) * G + g;
         // sum (q - 8) xq = sum q xq - 8 sum xq, exactly, as in matmul.cpp
-        const __m256i centred = _mm256_sub_epi32(_mm256_madd_epi16(s16[m][hh], ones), _mm256_set1_epi32(a.sum_q8[i]));
+#ifdef __AVXVNNI__
+        const __m256i sum_q_xq = isum[m][hh];
+#else
+        const __m256i sum_q_xq = _mm256_madd_epi16(isum[m][hh], ones);
+#endif
+        const __m256i centred = _mm256_sub_epi32(sum_q_xq, _mm256_set1_epi32(a.sum_q8[i]));
         acc[m][hh] = _mm256_fmadd_ps(_mm256_mul_ps(dg, _mm256_set1_ps(a.scale[i])), _mm256_cvtepi32_ps(centred),
                                      acc[m][hh]);
         acc[m][hh] = _mm256_fmadd_ps(zg, _mm256_set1_ps(a.sum_x[i]), acc[m][hh]);
@@ -146,7 +159,7 @@ inline void q4_tile(const uint8_t* c, const __m256i* u, const at::Half* d, const
 template <int MR, bool PRE>
 inline void q8_tile(const uint8_t* c, const __m256i* u, const at::Half* d, const Acts& a, int64_t m0, int64_t K,
                     int64_t G, __m256 (*acc)[2]) {
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  [[maybe_unused]] const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
   const int8_t* xq = a.xq.data() + m0 * K;
   for (int m = 0; m < MR; ++m)
     for (int hh = 0; hh < 2; ++hh) acc[m][hh] = _mm256_setzero_ps();
@@ -171,7 +184,11 @@ inline void q8_tile(const uint8_t* c, const __m256i* u, const at::Half* d, const
         const __m256i x = bcast4(xq + m * K + g * 32 + 4 * j);
         for (int hh = 0; hh < 2; ++hh) {
           const __m256i signed_x = _mm256_sign_epi8(x, code[hh]);  // 0 where code is
+#ifdef __AVXVNNI__
+          s32[m][hh] = _mm256_dpbusd_avx_epi32(s32[m][hh], mag[hh], signed_x);  // the same sums, unsaturated
+#else
           s32[m][hh] = _mm256_add_epi32(s32[m][hh], _mm256_madd_epi16(_mm256_maddubs_epi16(mag[hh], signed_x), ones));
+#endif
         }
       }
     }
