@@ -15,9 +15,9 @@
 //       activation with the code's sign (vpsignb; |xq| <= 127, so the negation never overflows), at most
 //       2 * 128 * 127 = 32512 per pair, every code -128..127 exact; widened to int32 after each chunk. This
 //       gives sum code * xq directly, the integer matmul.cpp computes as sum (code + 128) xq - 128 sum xq.
-// Built with -mavxvnni (the "avxvnni" build, for CPUs with AVX-VNNI: Intel's since Alder Lake, AMD's since Zen 4),
-// each vpmaddubsw + vpmaddwd pair is one vpdpbusd instead (VEX-encoded, 256-bit), which sums the same four
-// products straight into int32: the same integers, so the same bits, in fewer instructions.
+// Built with -mavxvnni (the "avxvnni" build, for CPUs with AVX-VNNI but no AVX-512 VNNI: Intel's client chips
+// since Alder Lake), each vpmaddubsw + vpmaddwd pair is one vpdpbusd instead (VEX-encoded, 256-bit), which sums
+// the same four products straight into int32: the same integers, so the same bits, in fewer instructions.
 // A 64-byte chunk of the packing holds 16 rows: here its two 32-byte halves (rows 0-7, 8-15) are two ymm
 // registers, each lane (4 bytes) still one row's 4 consecutive inputs, so no horizontal sums are needed.
 #include <ATen/ATen.h>
