@@ -13,6 +13,7 @@ from smollm2.config import Config
 from smollm2.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    DroppedLinear,
     LoRAConfig,
     LoRALinear,
     apply_lora,
@@ -87,6 +88,50 @@ def test_gradients_reach_only_the_adapters_and_the_optimizer_holds_only_them(tin
     for key, value in model.state_dict().items():  # the base did not move
         if "lora_" not in key:
             assert torch.equal(value, base[key]), key
+
+
+def test_dropout_keeps_its_mask_not_a_copy_and_its_gradients_are_those_of_dropout_then_linear() -> None:
+    """A training LoRALinear with dropout computes y = x W^T + s B A (x * keep / (1 - p)) with keep drawn as
+    bernoulli(1 - p) from the global generator; autograd through that formula gives the same gradients; and
+    what it keeps for backward is x itself, the bool mask and small tensors, never a dropped fp32 copy of x."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(48, 40, bias=False)
+    layer = LoRALinear(base, LoRAConfig(rank=4, alpha=8, dropout=0.25))
+    torch.nn.init.normal_(layer.lora_B.weight)  # (B starts at zero, which would hide A's gradient)
+    layer.train()
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    storages: list[tuple[int, torch.dtype, int]] = []
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: storages.append((t.untyped_storage().data_ptr(), t.dtype, t.numel())) or t, lambda t: t):
+        torch.manual_seed(1)
+        y = layer(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    ours = (x.grad.clone(), layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone())
+
+    torch.manual_seed(1)
+    keep = torch.empty(x.shape, dtype=torch.bool).bernoulli_(0.75)
+    assert 0 < keep.sum() < keep.numel()
+    x.grad = layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+    A, B = layer.lora_A.weight, layer.lora_B.weight
+    expected = x @ base.weight.T + ((x * keep / 0.75) @ A.T @ B.T) * layer.scaling
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    expected.backward(grad)
+    for got, want in zip(ours, (x.grad, A.grad, B.grad), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    x_sized = [(ptr, dtype) for ptr, dtype, n in storages if n == x.numel()]
+    assert (x.untyped_storage().data_ptr(), torch.float32) in x_sized and (
+        any(dtype == torch.bool for _, dtype in x_sized))
+    assert [d for p, d in x_sized if d == torch.float32 and p != x.untyped_storage().data_ptr()] == []
+    layer.eval()  # no dropout: the plain linear
+    assert torch.equal(layer(x), layer.lora_B(layer.lora_A(x)) * layer.scaling + base(x))
+
+
+def test_dropped_linear_needs_no_gradient_it_is_not_asked_for() -> None:
+    x, weight = torch.randn(4, 8), torch.randn(3, 8, requires_grad=True)
+    DroppedLinear.apply(x, weight, 0.5).sum().backward()
+    assert weight.grad is not None and x.grad is None
 
 
 def test_merge_equals_the_unmerged_forward(tiny_config: Config) -> None:
