@@ -194,7 +194,7 @@ def main() -> None:
 
     if args.vnni:
         for isa in ("avx2", "avxvnni"):
-            if not (kernels.build_dir(isa) / f"{kernels.NAMES[isa]}.so").is_file():
+            if not kernels.built(isa):
                 raise SystemExit(f"the {isa} build is not there: run python -m smollm2.kernels first")
         isas = {"before": "avx2", "after": "avxvnni"}
         builds = {which: kernels.NAMES[isa] for which, isa in isas.items()}

@@ -221,6 +221,11 @@ def build_dir(isa_name: str | None = None) -> Path:
     return Path(cpp_extension._get_build_directory(name, verbose=False))  # private, but it is load's own
 
 
+def built(isa_name: str) -> bool:
+    """Whether the build for isa_name is in the cache (NAME.so), what available() loads without a compiler."""
+    return (build_dir(isa_name) / f"{NAMES[isa_name]}.so").is_file()
+
+
 @cache
 def available() -> bool:
     """Whether the kernels are loaded (`torch.ops.smollm2.q4_mm` / `q8_mm` / `f32_mv` / `decode_attention`
@@ -234,7 +239,7 @@ def available() -> bool:
         return False
     if os.environ.get("SMOLLM2_BUILD_KERNELS") == "1":
         return _load(chosen, build=True)
-    if not (build_dir(chosen) / f"{NAMES[chosen]}.so").is_file():
+    if not built(chosen):
         log.info("smollm2 %s kernels not built (python -m smollm2.kernels builds them); using torch's", chosen)
         return False
     return _load(chosen, build=False)

@@ -176,7 +176,7 @@ def test_smollm2_isa_chooses_the_build_a_fresh_process_loads() -> None:
     code = ("from pathlib import Path; from smollm2.quant import kernels; ok = kernels.available(); "
             "print(kernels.isa(), ok, [n for n in kernels.NAMES.values() if n in Path('/proc/self/maps').read_text()])")
     for name in kernels.ISAS:
-        if kernels.cpu_runs(name) and (kernels.build_dir(name) / f"{kernels.NAMES[name]}.so").is_file():
+        if kernels.cpu_runs(name) and kernels.built(name):
             loaded = python_here(code, SMOLLM2_ISA=name).strip().split(maxsplit=2)
             assert loaded == [name, "True", f"['{kernels.NAMES[name]}']"]
     bad = "avx512" if not kernels.cpu_runs("avx512") else "sse2"
@@ -501,11 +501,11 @@ def test_the_avx2_build_has_no_bf16_kernel() -> None:
 
 
 def test_the_other_builds_this_cpu_runs_pass_the_ops_tests() -> None:
-    """A CPU with AVX-512 VNNI also runs the AVX2 build (python -m smollm2.kernels builds both there): the
-    ops' tests run again on it, in a process of its own (one process loads one build)."""
+    """A CPU with AVX-512 VNNI also runs the AVX2 builds (python -m smollm2.kernels builds all it runs): the
+    ops' tests run again on each, in a process of its own (one process loads one build)."""
     kernels_or_skip()
     others = [name for name in kernels.ISAS if name != kernels.isa() and kernels.cpu_runs(name)
-              and (kernels.build_dir(name) / f"{kernels.NAMES[name]}.so").is_file()]
+              and kernels.built(name)]
     if not others:
         pytest.skip(f"this CPU runs only the {kernels.isa()} build")
     for name in others:

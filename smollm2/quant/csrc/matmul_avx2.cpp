@@ -102,7 +102,8 @@ inline void unpack_q8(const uint8_t* c, int64_t G, __m256i* u) {
 template <int MR, bool PRE>
 inline void q4_tile(const uint8_t* c, const __m256i* u, const at::Half* d, const at::Half* z, const Acts& a,
                     int64_t m0, int64_t K, int64_t G, __m256 (*acc)[2]) {
-  [[maybe_unused]] const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);  // (the AVX-VNNI build widens without it)
   const int8_t* xq = a.xq.data() + m0 * K;
   for (int m = 0; m < MR; ++m)
     for (int hh = 0; hh < 2; ++hh) acc[m][hh] = _mm256_setzero_ps();
@@ -159,7 +160,8 @@ inline void q4_tile(const uint8_t* c, const __m256i* u, const at::Half* d, const
 template <int MR, bool PRE>
 inline void q8_tile(const uint8_t* c, const __m256i* u, const at::Half* d, const Acts& a, int64_t m0, int64_t K,
                     int64_t G, __m256 (*acc)[2]) {
-  [[maybe_unused]] const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);  // (the AVX-VNNI build widens without it)
   const int8_t* xq = a.xq.data() + m0 * K;
   for (int m = 0; m < MR; ++m)
     for (int hh = 0; hh < 2; ++hh) acc[m][hh] = _mm256_setzero_ps();
